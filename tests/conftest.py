@@ -1,0 +1,108 @@
+"""Shared fixtures: every test fails if it leaves a child process, a thread, an open ZeroMQ
+socket/context or a dvla ``/dev/shm`` segment behind (pyzmq's own test-suite does the same)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import zmq
+
+from tests.helpers import kill_tree, wait_for
+
+SHM_DIR = Path("/dev/shm")
+
+
+def _dvla_segments() -> set[str]:
+    if not SHM_DIR.is_dir():
+        return set()
+    return {p.name for p in SHM_DIR.iterdir() if p.name.startswith("dvla")}
+
+
+def _open_zmq_objects() -> list[str]:
+    gc.collect()
+    found: list[str] = []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, zmq.Socket) and not obj.closed:
+                found.append(f"socket {obj!r}")
+            elif isinstance(obj, zmq.Context) and not obj.closed:
+                found.append(f"context {obj!r}")
+        except ReferenceError:
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    me = psutil.Process()
+    shm_before = _dvla_segments()
+    threads_before = set(threading.enumerate())
+    yield
+    problems: list[str] = []
+
+    # Children get a moment to finish exiting; anything still alive is a leak (and is killed so
+    # one leaky test does not cascade into the next).
+    def no_children() -> bool:
+        return not [c for c in me.children(recursive=True) if c.is_running()]
+
+    if not wait_for(no_children, timeout=5.0, raise_on_timeout=False):
+        kids = me.children(recursive=True)
+        problems.append(
+            "child processes left running: "
+            + ", ".join(f"{c.pid} {' '.join(c.cmdline()[:6])}" for c in kids if c.is_running())
+        )
+        for c in kids:
+            kill_tree(c.pid)
+
+    def no_new_threads() -> bool:
+        return not [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+
+    if not wait_for(no_new_threads, timeout=2.0, raise_on_timeout=False):
+        extra = [t.name for t in threading.enumerate() if t not in threads_before]
+        problems.append(f"threads left running: {extra}")
+
+    zmq_left = _open_zmq_objects()
+    if zmq_left:
+        problems.append(f"ZeroMQ objects left open: {zmq_left[:5]}")
+        for obj in gc.get_objects():
+            if isinstance(obj, zmq.Socket) and not obj.closed:
+                obj.close(linger=0)
+        for obj in gc.get_objects():
+            if isinstance(obj, zmq.Context) and not obj.closed:
+                obj.term()
+
+    leaked = _dvla_segments() - shm_before
+    if leaked:
+        problems.append(f"/dev/shm segments left behind: {sorted(leaked)}")
+        for name in leaked:
+            (SHM_DIR / name).unlink(missing_ok=True)
+
+    if problems:
+        pytest.fail("resource leak: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temp directory: ``ipc://`` paths must stay under the 107-byte sun_path limit."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="dvla-t-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Nodes started by tests must not inherit a developer's deployment settings.
+    for key in list(os.environ):
+        if key.startswith("DVLA_") and key not in ("DVLA_TORCH_SPEC",):
+            monkeypatch.delenv(key)

@@ -1,0 +1,3 @@
+from dvla_tools.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""``dvla bench NAME``: benchmarks that compare against baselines in the same run and write JSON.
+
+Each benchmark is a module ``dvla_tools.bench.<name>`` exposing
+``register(subparsers, name, help_text)``; the list below is the menu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+BENCHES: tuple[tuple[str, str], ...] = (
+    ("bus", "data-bus throughput against memcpy, raw pyzmq and multiprocessing.Queue"),
+    ("control", "control-bus latency idle and under data load (plane decoupling)"),
+    ("replicate", "weight distribution down the replication tree"),
+    ("learn", "GRPO on the embedded suite: success rate against wall time"),
+    ("pipeline", "the distributed training pipeline: lane utilisation and overlap"),
+    ("envs", "environment steps/s bare and through dvla"),
+    ("chaos", "training while nodes are killed"),
+)
+
+
+def register(sub: Any, name: str, help_text: str) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
+    benches = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for bench, bench_help in BENCHES:
+        module_name = f"dvla_tools.bench.{bench}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        module.register(benches, bench, bench_help)

@@ -24,6 +24,16 @@ def _dvla_segments() -> set[str]:
     return {p.name for p in SHM_DIR.iterdir() if p.name.startswith("dvla")}
 
 
+def _owned_by_others(name: str, ours: set[int]) -> bool:
+    """A segment whose owner (``dvla.<run>.<node>.<pid>.<start>.<name>``) is a live process
+    outside this test's process tree belongs to someone else (e.g. a concurrent test run)."""
+    parts = name.split(".")
+    if len(parts) < 6 or not parts[3].isdigit():
+        return False
+    pid = int(parts[3])
+    return pid not in ours and psutil.pid_exists(pid)
+
+
 def _open_zmq_objects() -> list[str]:
     gc.collect()
     found: list[str] = []
@@ -77,7 +87,8 @@ def no_leaks() -> Iterator[None]:
             if isinstance(obj, zmq.Context) and not obj.closed:
                 obj.term()
 
-    leaked = _dvla_segments() - shm_before
+    ours = {os.getpid(), *(c.pid for c in me.children(recursive=True))}
+    leaked = {n for n in _dvla_segments() - shm_before if not _owned_by_others(n, ours)}
     if leaked:
         problems.append(f"/dev/shm segments left behind: {sorted(leaked)}")
         for name in leaked:

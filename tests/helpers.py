@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -9,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -41,10 +44,8 @@ def kill_tree(pid: int) -> None:
     except psutil.NoSuchProcess:
         return
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(procs, timeout=5)
 
 
@@ -97,3 +98,72 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
             kill_tree(proc.pid)
             proc.wait(timeout=5)
     return proc.returncode
+
+
+def hub_status(endpoint: str, timeout: float = 5.0) -> Any:
+    """The control hub's Status, asked for over a real socket (an observer connection)."""
+    from dvla_bus.control import open_control_client
+
+    async def ask() -> Any:
+        async with open_control_client(endpoint) as client:
+            return await client.query(timeout=timeout)
+
+    return asyncio.run(ask())
+
+
+def hub_send(endpoint: str, msg: Any) -> None:
+    """Send one message (a command, a version announcement) to the hub as an observer; waits
+    until the hub has handled it by asking for a Status afterwards on the same connection."""
+    from dvla_bus.control import open_control_client
+
+    async def go() -> None:
+        async with open_control_client(endpoint) as client:
+            await client.query()  # the connection is up
+            assert await client.send(msg)
+            await client.query()  # ordered after msg on the same pipe: msg was handled
+
+    asyncio.run(go())
+
+
+def wait_status(
+    endpoint: str, predicate: Callable[[Any], object], timeout: float = 15.0, what: str = "state"
+) -> Any:
+    """Poll the hub until ``predicate(status)`` holds; returns that status."""
+    box: list[Any] = []
+
+    def check() -> bool:
+        try:
+            st = hub_status(endpoint, timeout=2.0)
+        except TimeoutError:
+            return False
+        if predicate(st):
+            box.append(st)
+            return True
+        return False
+
+    wait_for(check, timeout=timeout, interval=0.1, what=what)
+    return box[0]
+
+
+def members_by_node(status: Any) -> dict[str, Any]:
+    return {m.node: m for m in status.members}
+
+
+def write_topology(
+    path: Path, roles: str, extra: str = "", interval: float = 0.2, timeout: float = 1.5
+) -> Path:
+    """A one-host topology with its control socket under ``path``'s directory."""
+    path.write_text(
+        f"""schema = 1
+name = "t"
+[control]
+endpoint = "ipc://{path.parent}/c.sock"
+heartbeat_interval_s = {interval}
+heartbeat_timeout_s = {timeout}
+[[hosts]]
+name = "h"
+roles = {{ {roles} }}
+{extra}
+"""
+    )
+    return path

@@ -1,0 +1,145 @@
+"""The one wiring function: from a topology to the nodes of a host (configs and command lines).
+
+``dvla up`` (the supervisor), ``dvla node start`` and the cluster launchers all build nodes here,
+so a node started by hand is configured exactly like one started by the supervisor."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dvla_bus.errors import ConfigError
+from dvla_bus.node import NodeConfig
+from dvla_bus.topology import NodePlacement, Topology
+
+__all__ = [
+    "ChildSpec",
+    "child_specs",
+    "control_endpoint",
+    "local_host",
+    "make_run_dir",
+    "node_config",
+]
+
+#: Environment variable through which a launcher overrides the control hub's endpoint.
+ENV_CONTROL: str = "DVLA_CONTROL_ENDPOINT"
+#: Set by the supervisor in each child: the child stops when this process is gone.
+ENV_SUPERVISOR: str = "DVLA_SUPERVISOR_PID"
+
+
+def make_run_dir(topology: Topology, root: Path | None = None, name: str | None = None) -> Path:
+    """Create ``runs/<time>-<name>/`` (with ``logs/``) and return its absolute path."""
+    base = (root or Path.cwd() / "runs").resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = base / f"{stamp}-{name or topology.name}"
+    suffix = 1
+    while run.exists():
+        suffix += 1
+        run = base / f"{stamp}-{name or topology.name}-{suffix}"
+    (run / "logs").mkdir(parents=True)
+    return run
+
+
+def control_endpoint(topology: Topology, run_dir: Path) -> str:
+    """The hub endpoint: ``$DVLA_CONTROL_ENDPOINT`` if set, else the topology's, with
+    ``{run_dir}`` filled in."""
+    endpoint = os.environ.get(ENV_CONTROL) or topology.control.endpoint
+    return endpoint.replace("{run_dir}", str(run_dir))
+
+
+def local_host(topology: Topology, requested: str | None) -> str:
+    """Which topology host this machine is: ``requested``, else the only host, else the host
+    named like this machine."""
+    if requested is not None:
+        return topology.host(requested).name
+    if len(topology.hosts) == 1:
+        return topology.hosts[0].name
+    me = socket.gethostname()
+    for h in topology.hosts:
+        if h.name == me or h.name == me.split(".")[0]:
+            return h.name
+    raise ConfigError(
+        f"{topology.file}: several hosts and none is named {me!r}; pass --host "
+        f"({', '.join(h.name for h in topology.hosts)})"
+    )
+
+
+def node_config(
+    topology: Topology, placement: NodePlacement, run_dir: Path, grace: float = 5.0
+) -> NodeConfig:
+    host = topology.host(placement.host)
+    return NodeConfig(
+        role=placement.role,
+        host=placement.host,
+        index=placement.index,
+        run_dir=run_dir,
+        control_endpoint=control_endpoint(topology, run_dir),
+        address=host.address,
+        heartbeat_interval=topology.control.heartbeat_interval_s,
+        heartbeat_timeout=topology.control.heartbeat_timeout_s,
+        grace=grace,
+        settings=topology.settings(placement.role),
+        topology_file=topology.file,
+        topology_name=topology.name,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """How the supervisor starts one node: its name, command line, environment and log file."""
+
+    name: str
+    role: str
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    log: Path
+
+
+def child_specs(
+    topology: Topology, host: str, run_dir: Path, grace: float = 5.0
+) -> list[ChildSpec]:
+    """One :class:`ChildSpec` per node the topology places on ``host`` (hub first)."""
+    specs = []
+    for p in topology.placements(host):
+        argv = (
+            sys.executable,
+            "-m",
+            "dvla_tools",
+            "node",
+            "start",
+            "--role",
+            p.role,
+            "--topology",
+            str(Path(topology.file).resolve()),
+            "--host",
+            p.host,
+            "--index",
+            str(p.index),
+            "--run-dir",
+            str(run_dir),
+            "--grace",
+            str(grace),
+        )
+        env = {"PYTHONUNBUFFERED": "1"}
+        specs.append(ChildSpec(p.node_id, p.role, argv, env, run_dir / "logs" / f"{p.node_id}.log"))
+    return specs
+
+
+def write_run_config(run_dir: Path, topology: Topology, host: str) -> None:
+    """Record what was launched (``config.json``), written atomically."""
+    doc = {
+        "topology_file": str(Path(topology.file).resolve()),
+        "topology": topology.name,
+        "host": host,
+        "control_endpoint": control_endpoint(topology, run_dir),
+        "nodes": [p.node_id for p in topology.placements(host)],
+        "started": time.time(),
+    }
+    tmp = run_dir / "config.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, run_dir / "config.json")

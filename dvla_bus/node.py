@@ -1,0 +1,257 @@
+"""The node runtime: one OS process, one asyncio event loop (uvloop when installed), one role.
+
+A role subclasses :class:`Node` and fills in ``setup()`` (acquire resources on
+``self.resources``, an :class:`~contextlib.AsyncExitStack` closed after ``teardown()``), ``run()``
+(the work; returning ends the node with status 0) and ``teardown()``. The runtime joins the
+control bus, heartbeats with the node's statistics, applies commands (pause, resume, checkpoint,
+stop) and turns SIGTERM/SIGINT into cancellation of ``run()`` followed by teardown.
+
+Shutdown is bounded: once a stop is requested, :mod:`faulthandler` is armed to dump every
+thread's stack to stderr (the node's log) and exit the process with status 1 if teardown has not
+finished within the grace period, so a node can never hang on its way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import faulthandler
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Final
+
+from dvla_bus import wire
+from dvla_bus.control import ControlClient, JoinInfo, open_control_client
+
+__all__ = ["Node", "NodeConfig", "run_node", "set_parent_death_signal"]
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG: Final = 1
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything one node needs, derived from the topology and the command line."""
+
+    role: str
+    host: str
+    index: int
+    run_dir: Path
+    control_endpoint: str
+    address: str = "127.0.0.1"
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 5.0
+    grace: float = 5.0
+    settings: Mapping[str, wire.Scalar] = field(default_factory=dict)
+    topology_file: str = ""
+    topology_name: str = "adhoc"
+
+    @property
+    def node_id(self) -> str:
+        return f"{self.role}.{self.host}.{self.index}"
+
+
+class Node:
+    """Base of every role. Subclasses set ``role`` and override the three phases."""
+
+    role: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.log = logging.getLogger(f"dvla.{config.node_id}")
+        self.resources = contextlib.AsyncExitStack()
+        self.counters: dict[str, int] = {}
+        self.gauges: dict[str, float] = {}
+        self.endpoints: dict[str, str] = {}  # advertised in Join; set them in setup()
+        self.members: tuple[wire.MemberInfo, ...] = ()
+        self._control: ControlClient | None = None
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._stop_requested = asyncio.Event()
+
+    # --- the three phases ----------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Acquire resources (enter them on ``self.resources``); runs before joining."""
+
+    async def run(self) -> None:
+        """The node's work. The default waits until the node is stopped."""
+        await asyncio.Event().wait()
+
+    async def teardown(self) -> None:
+        """Release what ``setup()`` did not put on ``self.resources``; runs on every path."""
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    def on_version(self, announce: wire.VersionAnnounce) -> None:
+        """A new weight version was announced on the control bus."""
+
+    def on_members(self, members: tuple[wire.MemberInfo, ...]) -> None:
+        """The membership table changed."""
+
+    def on_node_dead(self, dead: wire.NodeDead) -> None:
+        """A peer died or left."""
+
+    def on_checkpoint(self, command: wire.Command) -> None:
+        """A checkpoint was requested."""
+
+    # --- services for roles ----------------------------------------------------------------
+
+    @property
+    def control(self) -> ControlClient:
+        assert self._control is not None, "the control bus is joined after setup()"
+        return self._control
+
+    @property
+    def paused(self) -> bool:
+        return not self._unpaused.is_set()
+
+    async def wait_unpaused(self) -> None:
+        """Return at once unless a ``pause`` command is in force."""
+        await self._unpaused.wait()
+
+    def request_stop(self) -> None:
+        """Ask the runtime to cancel ``run()`` and tear the node down."""
+        self._stop_requested.set()
+
+    def set_weight_version(self, version: int) -> None:
+        self.control.update(weight_version=version)
+
+    def statistics(self) -> tuple[dict[str, int], dict[str, float]]:
+        """Counters and gauges for heartbeats (and ``statistics()`` in-process)."""
+        return dict(self.counters), dict(self.gauges)
+
+    # --- runtime plumbing ----------------------------------------------------------------
+
+    def _dispatch(self, msg: wire.Message) -> None:
+        match msg:
+            case wire.Command(command="pause"):
+                self._unpaused.clear()
+                self.control.update(state="paused")
+            case wire.Command(command="resume"):
+                self._unpaused.set()
+                self.control.update(state="running")
+            case wire.Command(command="stop"):
+                self.log.info("stop command from %s", msg.sender or "the hub")
+                self.request_stop()
+            case wire.Command(command="checkpoint"):
+                self.on_checkpoint(msg)
+            case wire.VersionAnnounce():
+                self.on_version(msg)
+            case wire.Members():
+                self.members = msg.members
+                self.on_members(msg.members)
+            case wire.NodeDead():
+                self.on_node_dead(msg)
+            case _:
+                pass
+
+
+def set_parent_death_signal(expected_parent: int) -> bool:
+    """Ask Linux to send SIGTERM when our parent dies (``PR_SET_PDEATHSIG``). Returns False when
+    the parent is already gone (the caller should exit)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # The parent may have died between fork and prctl: then we were re-parented already.
+    return os.getppid() == expected_parent
+
+
+async def _watch_parent(expected_parent: int, node: Node) -> None:
+    """Portable fallback for PR_SET_PDEATHSIG: poll for re-parenting."""
+    while True:
+        await asyncio.sleep(0.5)
+        if os.getppid() != expected_parent:
+            node.log.warning("supervisor %d is gone; stopping", expected_parent)
+            node.request_stop()
+            return
+
+
+async def _serve(node: Node, parent: int | None) -> int:
+    cfg = node.config
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, node.request_stop)
+    status = 0
+    run_task: asyncio.Task[None] | None = None
+    try:
+        async with node.resources:
+            try:
+                await node.setup()
+                async with open_control_client(
+                    cfg.control_endpoint,
+                    JoinInfo(
+                        node=cfg.node_id,
+                        role=cfg.role,
+                        host=cfg.host,
+                        index=cfg.index,
+                        endpoints=dict(node.endpoints),
+                    ),
+                    heartbeat_interval=cfg.heartbeat_interval,
+                    heartbeat_timeout=cfg.heartbeat_timeout,
+                    on_message=node._dispatch,
+                    stats=node.statistics,
+                ) as control:
+                    node._control = control
+                    control.update(state="running")
+                    run_task = asyncio.create_task(node.run(), name=f"{cfg.node_id}.run")
+                    stop_task = asyncio.create_task(node._stop_requested.wait())
+                    watchers: list[asyncio.Task[object]] = [stop_task]
+                    if parent is not None:
+                        watchers.append(asyncio.create_task(_watch_parent(parent, node)))
+                    await asyncio.wait([run_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
+                    for w in watchers:
+                        w.cancel()
+                    if not run_task.done():
+                        _arm_hang_guard(cfg.grace)
+                        control.update(state="stopping")
+                        run_task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await run_task
+                    await asyncio.gather(*watchers, return_exceptions=True)
+            finally:
+                _arm_hang_guard(cfg.grace)
+                await node.teardown()
+    except Exception:
+        node.log.exception("%s failed", cfg.node_id)
+        status = 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return status
+
+
+_guard_armed = False
+
+
+def _arm_hang_guard(grace: float) -> None:
+    global _guard_armed
+    if not _guard_armed:
+        _guard_armed = True
+        # Dumps all threads' stacks to stderr and _exit(1)s if shutdown overruns the grace.
+        faulthandler.dump_traceback_later(grace, exit=True)
+
+
+def run_node(node: Node, *, parent: int | None = None) -> int:
+    """Run ``node`` to completion in a fresh event loop; returns the process exit status."""
+    global _guard_armed
+    _guard_armed = False
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    try:
+        with runner:
+            return runner.run(_serve(node, parent))
+    finally:
+        faulthandler.cancel_dump_traceback_later()

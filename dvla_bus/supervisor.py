@@ -1,0 +1,200 @@
+"""The supervisor: starts a host's nodes as child processes and keeps them alive.
+
+* A child that exits non-zero is restarted after a backoff (``backoff_initial`` doubling up to
+  ``backoff_max`` seconds; reset once a child has run ``stable_after`` seconds).
+* A child that exits 0 is *done* and stays down; one that exits 2 (bad configuration: it would
+  fail the same way again) is *failed* and stays down. When no child is left to run, the
+  supervisor returns.
+* Stopping sends SIGTERM to every child, waits up to ``grace`` seconds, then SIGKILLs what is
+  left and reaps everything: no orphans.
+* Each child gets ``DVLA_SUPERVISOR_PID``; ``dvla node start`` then asks the kernel for SIGTERM
+  when the supervisor dies (``PR_SET_PDEATHSIG``) and also polls for re-parenting, so even a
+  ``kill -9`` of the supervisor leaves no node behind.
+
+The supervisor polls its children (every ``poll_interval`` seconds) rather than using asyncio's
+child watchers, so it works the same under uvloop and starts no helper threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from dvla_bus.deploy import ENV_SUPERVISOR, ChildSpec
+
+__all__ = ["ChildStatus", "Supervisor"]
+
+EXIT_CONFIG: Final = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ChildStatus:
+    """One child as the status table shows it."""
+
+    name: str
+    role: str
+    pid: int | None
+    state: str  # starting | running | backoff | done | failed | stopped
+    restarts: int
+    last_exit: int | None
+    uptime: float
+
+
+class _Child:
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.state = "starting"
+        self.restarts = 0
+        self.failures_in_a_row = 0
+        self.started_at = 0.0
+        self.next_start = 0.0
+        self.last_exit: int | None = None
+
+
+EventFn = Callable[[str], None]
+
+
+class Supervisor:
+    """Runs and restarts the children in ``specs``. One event loop; not thread-safe."""
+
+    def __init__(
+        self,
+        specs: Sequence[ChildSpec],
+        *,
+        grace: float = 5.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 10.0,
+        stable_after: float = 30.0,
+        poll_interval: float = 0.1,
+        on_event: EventFn | None = None,
+    ) -> None:
+        self._children = [_Child(s) for s in specs]
+        self.grace = grace
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.stable_after = stable_after
+        self.poll_interval = poll_interval
+        self._on_event = on_event or (lambda _line: None)
+
+    # --- status --------------------------------------------------------------------------
+
+    def status(self) -> list[ChildStatus]:
+        now = time.monotonic()
+        return [
+            ChildStatus(
+                name=c.spec.name,
+                role=c.spec.role,
+                pid=c.proc.pid if c.proc is not None and c.proc.poll() is None else None,
+                state=c.state,
+                restarts=c.restarts,
+                last_exit=c.last_exit,
+                uptime=now - c.started_at if c.state == "running" else 0.0,
+            )
+            for c in self._children
+        ]
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self._children if c.proc is not None and c.proc.poll() is None]
+
+    # --- running -------------------------------------------------------------------------
+
+    def _start(self, child: _Child) -> None:
+        spec = child.spec
+        env = {**os.environ, **spec.env, ENV_SUPERVISOR: str(os.getpid())}
+        spec.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(spec.log, "ab") as log:
+            child.proc = subprocess.Popen(
+                spec.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                close_fds=True,
+            )
+        child.state = "running"
+        child.started_at = time.monotonic()
+        self._on_event(f"started {spec.name} (pid {child.proc.pid})")
+
+    def _reap(self, child: _Child, now: float) -> None:
+        assert child.proc is not None
+        code = child.proc.returncode
+        child.last_exit = code
+        ran = now - child.started_at
+        child.proc = None
+        if code == 0:
+            child.state = "done"
+            self._on_event(f"{child.spec.name} finished")
+            return
+        if code == EXIT_CONFIG:
+            child.state = "failed"
+            self._on_event(
+                f"{child.spec.name} exited 2 (configuration error); not restarting — "
+                f"see {child.spec.log}"
+            )
+            return
+        child.failures_in_a_row = 0 if ran >= self.stable_after else child.failures_in_a_row + 1
+        delay = min(
+            self.backoff_max, self.backoff_initial * 2 ** max(0, child.failures_in_a_row - 1)
+        )
+        child.state = "backoff"
+        child.next_start = now + delay
+        how = f"signal {-code}" if code < 0 else f"status {code}"
+        self._on_event(
+            f"{child.spec.name} died ({how}) after {ran:.1f}s; restarting in {delay:.1f}s"
+        )
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Supervise until ``stop`` is set or no child is left to run; then stop the children.
+
+        Returns 0 if every child that ended on its own finished cleanly, else 1."""
+        try:
+            for child in self._children:
+                self._start(child)
+            while not stop.is_set():
+                now = time.monotonic()
+                for child in self._children:
+                    if child.proc is not None and child.proc.poll() is not None:
+                        self._reap(child, now)
+                    if child.state == "backoff" and now >= child.next_start:
+                        child.restarts += 1
+                        self._start(child)
+                if all(c.state in ("done", "failed") for c in self._children):
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.poll_interval)
+        finally:
+            await self.stop_all()
+        return 1 if any(c.state == "failed" for c in self._children) else 0
+
+    async def stop_all(self) -> None:
+        """SIGTERM every running child, wait up to ``grace`` seconds, then SIGKILL; reap all."""
+        running = [c for c in self._children if c.proc is not None and c.proc.poll() is None]
+        for child in running:
+            assert child.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace
+        while time.monotonic() < deadline and any(
+            c.proc is not None and c.proc.poll() is None for c in running
+        ):
+            await asyncio.sleep(0.05)
+        for child in running:
+            assert child.proc is not None
+            if child.proc.poll() is None:
+                self._on_event(f"{child.spec.name} ignored SIGTERM for {self.grace}s; SIGKILL")
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.kill()
+            child.proc.wait()
+            child.last_exit = child.proc.returncode
+        for child in self._children:
+            if child.state in ("running", "backoff", "starting"):
+                child.state = "stopped"
+            child.proc = None

@@ -1,0 +1,55 @@
+"""``coordinator``: hosts the control hub (membership, heartbeats, versions, commands).
+
+In the demo job it also plays the weight publisher's part on the control bus: every
+``announce_every_s`` seconds it announces a new weight version, which the other nodes adopt and
+report back in their heartbeats — so the version table moves while the demo runs."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dvla_bus import wire
+from dvla_bus.control import ControlHub, HubConfig, open_control_hub
+from dvla_bus.node import Node
+
+__all__ = ["Coordinator"]
+
+
+class Coordinator(Node):
+    role = "coordinator"
+    description = "hosts the control hub"
+
+    hub: ControlHub
+
+    async def setup(self) -> None:
+        cfg = self.config
+        self.hub = await self.resources.enter_async_context(
+            open_control_hub(
+                HubConfig(
+                    endpoint=cfg.control_endpoint,
+                    heartbeat_interval=cfg.heartbeat_interval,
+                    heartbeat_timeout=cfg.heartbeat_timeout,
+                ),
+                name=f"hub@{cfg.node_id}",
+            )
+        )
+        self.endpoints["control"] = self.hub.endpoint
+        self.log.info("control hub listening on %s", self.hub.endpoint)
+
+    async def run(self) -> None:
+        every = float(self.config.settings.get("announce_every_s", 0))
+        version = 0
+        while True:
+            if every > 0:
+                await asyncio.sleep(every)
+                await self.wait_unpaused()
+                version += 1
+                await self.control.send(wire.VersionAnnounce(version=version))
+                self.set_weight_version(version)
+            else:
+                await asyncio.sleep(3600)
+
+    def statistics(self) -> tuple[dict[str, int], dict[str, float]]:
+        counters, gauges = super().statistics()
+        counters.update({f"hub.{k}": v for k, v in self.hub.statistics().items()})
+        return counters, gauges

@@ -16,7 +16,18 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.parametrize(
     "args",
-    [(), ("up",), ("node",), ("node", "start"), ("node", "roles"), ("topo",), ("topo", "show")],
+    [
+        (),
+        ("up",),
+        ("node",),
+        ("node", "start"),
+        ("node", "roles"),
+        ("topo",),
+        ("topo", "show"),
+        ("bus",),
+        ("bus", "list"),
+        ("bench",),
+    ],
 )
 def test_help_everywhere(args: tuple[str, ...]) -> None:
     proc = dvla(*args, "--help")
@@ -24,7 +35,9 @@ def test_help_everywhere(args: tuple[str, ...]) -> None:
     assert "usage:" in proc.stdout
 
 
-@pytest.mark.parametrize(("alias", "group"), [("dvla-node", "node"), ("dvla-topo", "topo")])
+@pytest.mark.parametrize(
+    ("alias", "group"), [("dvla-node", "node"), ("dvla-topo", "topo"), ("dvla-bus", "bus")]
+)
 def test_console_script_aliases(alias: str, group: str) -> None:
     exe = BIN / alias
     assert exe.exists(), f"{alias} is not installed next to {sys.executable}"

@@ -3,6 +3,7 @@ death detection after kill -9, command broadcast, the version table and hub rest
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 
 from dvla_bus import wire
 from tests.helpers import (
+    dvla,
     hub_send,
     members_by_node,
     spawn,
@@ -192,6 +194,16 @@ def test_nodes_rejoin_a_restarted_hub(job: Job) -> None:
     assert status.counters["joins"] >= 4
     # The nodes never stopped: same pids as before the hub died.
     assert all(job.procs[m.node].poll() is None for m in status.members)
+
+
+def test_bus_list_shows_the_nodes(job: Job) -> None:
+    start_all(job)
+    proc = dvla("bus", "list", "--control", job.endpoint, "--json", check=True)
+    doc = json.loads(proc.stdout)
+    assert {m["node"] for m in doc["members"]} == ALL
+    table = dvla("bus", "list", "--control", job.endpoint, check=True).stdout
+    assert "producer.h.1" in table
+    assert "running" in table
 
 
 def test_sigterm_stops_a_node_cleanly(job: Job) -> None:

@@ -1,0 +1,83 @@
+"""``dvla bus ...``: look at a running job over its control bus (like ``ros2 node list``).
+
+The hub is found from ``--control ENDPOINT``, else ``$DVLA_CONTROL_ENDPOINT``, else the
+``config.json`` of ``--run-dir`` (default: the newest run under ``runs/``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from dvla_bus import wire
+from dvla_bus.control import open_control_client
+from dvla_bus.errors import ConfigError
+
+
+def register(sub: Any, name: str, help_text: str) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    lst = verbs.add_parser("list", help="nodes with role, host, pid, state, version, heartbeat")
+    _hub_args(lst)
+    lst.add_argument("--json", action="store_true", help="machine-readable output")
+    lst.set_defaults(func=_list)
+
+
+def _hub_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--control", help="control hub endpoint")
+    parser.add_argument("--run-dir", type=Path, help="run directory (default: newest in runs/)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the hub")
+
+
+def hub_endpoint(args: argparse.Namespace) -> str:
+    if args.control:
+        return str(args.control)
+    if os.environ.get("DVLA_CONTROL_ENDPOINT"):
+        return os.environ["DVLA_CONTROL_ENDPOINT"]
+    run_dir: Path | None = args.run_dir
+    if run_dir is None:
+        runs = sorted(p for p in Path("runs").glob("*/config.json"))
+        if not runs:
+            raise ConfigError("no --control given and no runs/*/config.json here to find the hub")
+        run_dir = max(runs, key=lambda p: p.stat().st_mtime).parent
+    config = run_dir / "config.json"
+    try:
+        endpoint = json.loads(config.read_text())["control_endpoint"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{config}: cannot read the control endpoint ({exc})") from None
+    return str(endpoint)
+
+
+async def query(endpoint: str, timeout: float) -> wire.Status:
+    async with open_control_client(endpoint) as client:
+        return await client.query(timeout=timeout)
+
+
+def _list(args: argparse.Namespace) -> int:
+    status = asyncio.run(query(hub_endpoint(args), args.timeout))
+    if args.json:
+        print(json.dumps(msgspec.to_builtins(status), indent=2))
+        return 0
+    table = Table(title=f"hub {status.epoch}: latest weight version {status.latest_version}")
+    for col in ("node", "role", "host", "pid", "state", "version", "heartbeat", "endpoints"):
+        table.add_column(col)
+    for m in status.members:
+        table.add_row(
+            m.node,
+            m.role,
+            m.host,
+            str(m.pid),
+            m.state,
+            str(m.weight_version),
+            f"{m.heartbeat_age:.1f}s",
+            " ".join(f"{k}={v}" for k, v in m.endpoints.items()),
+        )
+    Console(width=200).print(table)
+    return 0

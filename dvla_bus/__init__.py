@@ -11,7 +11,6 @@ from dvla_bus.control import (
     open_control_client,
     open_control_hub,
 )
-from dvla_bus.data import DataBus, Publisher, Subscriber, open_data_bus
 from dvla_bus.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -23,8 +22,11 @@ from dvla_bus.errors import (
     WireError,
 )
 from dvla_bus.node import Node, NodeConfig, run_node
+from dvla_bus.pool import Layout, SlabPool, attach_pool, create_pool
+from dvla_bus.reaper import reap
 from dvla_bus.supervisor import ChildStatus, Supervisor
 from dvla_bus.topology import Topology, load_topology
+from dvla_bus.transport import Delivery, Inbox, Outbox, open_inbox, open_outbox
 
 __version__ = "0.1.0"
 
@@ -33,25 +35,31 @@ __all__ = [
     "ConfigError",
     "ControlClient",
     "ControlHub",
-    "DataBus",
     "DeadlineExceeded",
+    "Delivery",
     "DvlaError",
     "HubConfig",
+    "Inbox",
     "JoinInfo",
+    "Layout",
     "Node",
     "NodeConfig",
+    "Outbox",
     "PoolError",
     "ProtocolError",
-    "Publisher",
     "ResourceError",
-    "Subscriber",
+    "SlabPool",
     "Supervisor",
     "Topology",
     "TopologyError",
     "WireError",
+    "attach_pool",
+    "create_pool",
     "load_topology",
     "open_control_client",
     "open_control_hub",
-    "open_data_bus",
+    "open_inbox",
+    "open_outbox",
+    "reap",
     "run_node",
 ]

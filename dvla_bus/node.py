@@ -57,6 +57,12 @@ class NodeConfig:
     def node_id(self) -> str:
         return f"{self.role}.{self.host}.{self.index}"
 
+    @property
+    def run_id(self) -> str:
+        """The run directory's name, made safe for shared-memory segment names."""
+        safe = "".join(c if c.isalnum() or c in "_-" else "-" for c in self.run_dir.name)
+        return (safe.lstrip("_-") or "run")[:64]
+
 
 class Node:
     """Base of every role. Subclasses set ``role`` and override the three phases."""

@@ -7,6 +7,9 @@
   supervisor returns.
 * Stopping sends SIGTERM to every child, waits up to ``grace`` seconds, then SIGKILLs what is
   left and reaps everything: no orphans.
+* Shared memory of dead processes is reaped at start, right after any child dies, and every
+  ``reap_every`` seconds, so a ``kill -9``'d node's ``/dev/shm`` segments are gone within one
+  period (the node itself cannot clean up after SIGKILL).
 * Each child gets ``DVLA_SUPERVISOR_PID``; ``dvla node start`` then asks the kernel for SIGTERM
   when the supervisor dies (``PR_SET_PDEATHSIG``) and also polls for re-parenting, so even a
   ``kill -9`` of the supervisor leaves no node behind.
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from dvla_bus.deploy import ENV_SUPERVISOR, ChildSpec
+from dvla_bus.reaper import reap
 
 __all__ = ["ChildStatus", "Supervisor"]
 
@@ -74,6 +78,7 @@ class Supervisor:
         backoff_max: float = 10.0,
         stable_after: float = 30.0,
         poll_interval: float = 0.1,
+        reap_every: float = 5.0,
         on_event: EventFn | None = None,
     ) -> None:
         self._children = [_Child(s) for s in specs]
@@ -82,6 +87,8 @@ class Supervisor:
         self.backoff_max = backoff_max
         self.stable_after = stable_after
         self.poll_interval = poll_interval
+        self.reap_every = reap_every
+        self.reaped = 0
         self._on_event = on_event or (lambda _line: None)
 
     # --- status --------------------------------------------------------------------------
@@ -123,6 +130,15 @@ class Supervisor:
         child.started_at = time.monotonic()
         self._on_event(f"started {spec.name} (pid {child.proc.pid})")
 
+    def _reap_shm(self) -> None:
+        report = reap()
+        if report.removed:
+            self.reaped += len(report.removed)
+            self._on_event(
+                f"reaped {len(report.removed)} shared-memory segment(s) of dead processes "
+                f"({report.bytes_freed} bytes)"
+            )
+
     def _reap(self, child: _Child, now: float) -> None:
         assert child.proc is not None
         code = child.proc.returncode
@@ -156,13 +172,21 @@ class Supervisor:
 
         Returns 0 if every child that ended on its own finished cleanly, else 1."""
         try:
+            self._reap_shm()
+            next_shm_reap = time.monotonic() + self.reap_every
             for child in self._children:
                 self._start(child)
             while not stop.is_set():
                 now = time.monotonic()
+                died = False
                 for child in self._children:
                     if child.proc is not None and child.proc.poll() is not None:
                         self._reap(child, now)
+                        died = True
+                if died or now >= next_shm_reap:
+                    self._reap_shm()
+                    next_shm_reap = now + self.reap_every
+                for child in self._children:
                     if child.state == "backoff" and now >= child.next_start:
                         child.restarts += 1
                         self._start(child)
@@ -194,6 +218,8 @@ class Supervisor:
                     child.proc.kill()
             child.proc.wait()
             child.last_exit = child.proc.returncode
+        if running:
+            self._reap_shm()
         for child in self._children:
             if child.state in ("running", "backoff", "starting"):
                 child.state = "stopped"

@@ -38,9 +38,11 @@ __all__ = [
     "ArraySpec",
     "Command",
     "CommandName",
+    "Credit",
     "Data",
     "Frame",
     "Heartbeat",
+    "Hello",
     "Join",
     "Leave",
     "MemberInfo",
@@ -50,6 +52,8 @@ __all__ = [
     "Query",
     "Received",
     "Rejoin",
+    "ShmData",
+    "ShmField",
     "Status",
     "VersionAnnounce",
     "Welcome",
@@ -261,9 +265,50 @@ class Status(_Base, frozen=True, tag="status"):
 
 
 class Data(_Base, frozen=True, tag="data"):
-    """A data-bus message: arrays in the payload frames plus small scalar metadata."""
+    """A data-bus message: arrays in the payload frames plus small scalar metadata. ``names``
+    optionally names the arrays (same length as ``arrays`` when given)."""
 
     meta: dict[str, Scalar] = {}
+    names: tuple[str, ...] = ()
+
+
+class ShmField(msgspec.Struct, frozen=True, forbid_unknown_fields=True, array_like=True):
+    """One array inside a shared-memory slab: ``[name, dtype, shape, offset]`` (offset in bytes
+    from the slab start; dtype as in ``arrays``)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+
+
+class ShmData(_Base, frozen=True, tag="shm"):
+    """A data-bus message whose arrays live in the sender's shared-memory slab pool (same host
+    only): segment name, slab index and the generation it was acquired under. No payload
+    frames. The receiver maps the slab, and returns it with a :class:`Credit`."""
+
+    segment: str
+    slab: int
+    generation: int
+    fields: tuple[ShmField, ...]
+    meta: dict[str, Scalar] = {}
+
+
+class Hello(_Base, frozen=True, tag="hello"):
+    """Data sender -> receiver, first message on a connection: who and where I am."""
+
+    host: str  # host identity: topology host name + "@" + kernel boot id
+
+
+class Credit(_Base, frozen=True, tag="credit"):
+    """Data receiver -> sender: ``grant`` more messages may be sent; ``released`` hands back
+    shared-memory slabs as ``[index, generation]`` pairs. ``host`` is the receiver's host
+    identity (so the sender can tell whether shared memory reaches it)."""
+
+    grant: int
+    host: str = ""
+    released: tuple[tuple[int, int], ...] = ()
+    reset: bool = False  # "I do not know you": drop your credit state and send Hello again
 
 
 Message: TypeAlias = (
@@ -280,6 +325,9 @@ Message: TypeAlias = (
     | Query
     | Status
     | Data
+    | ShmData
+    | Hello
+    | Credit
 )
 
 _MESSAGE_TYPES: Final = (
@@ -296,6 +344,9 @@ _MESSAGE_TYPES: Final = (
     Query,
     Status,
     Data,
+    ShmData,
+    Hello,
+    Credit,
 )
 _KINDS: Final[frozenset[str]] = frozenset(str(t.__struct_config__.tag) for t in _MESSAGE_TYPES)
 _encoder = msgspec.msgpack.Encoder()

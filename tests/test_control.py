@@ -97,7 +97,7 @@ def test_membership_heartbeats_and_data_flow(job: Job) -> None:
     status = start_all(job)
     members = members_by_node(status)
     assert members["producer.h.1"].pid == job.procs["producer.h.1"].pid
-    assert members["producer.h.0"].endpoints["data"].startswith("ipc://")
+    assert members["consumer.h.0"].endpoints["data"].startswith("ipc://")
     # Heartbeats keep coming and carry the nodes' statistics: data flows producer -> consumer.
     status = wait_status(
         job.endpoint,
@@ -107,6 +107,7 @@ def test_membership_heartbeats_and_data_flow(job: Job) -> None:
     consumer = members_by_node(status)["consumer.h.0"]
     assert consumer.counters["bad"] == 0
     assert consumer.counters["producers"] == 2
+    assert consumer.counters["via_shm"] == consumer.counters["received"]  # one host: shm path
     assert all(m.heartbeat_age < 1.5 for m in status.members)
 
 

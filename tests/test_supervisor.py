@@ -82,6 +82,7 @@ def test_crashed_child_is_restarted(up: Up) -> None:
     up.wait_running()
     victim = up.children()["producer"]
     old_pid = victim.pid
+    wait_for(lambda: _segments_of(old_pid), what="the producer's shared-memory pool")
     victim.send_signal(signal.SIGKILL)
     wait_for(
         lambda: "producer" in up.children() and up.children()["producer"].pid != old_pid,
@@ -98,6 +99,17 @@ def test_crashed_child_is_restarted(up: Up) -> None:
     )
     assert members_by_node(status)["producer.h.0"].pid == up.children()["producer"].pid
     assert "producer.h.0 died (signal 9)" in up.output()
+    # The dead producer could not clean up; the supervisor's reaper did.
+    wait_for(lambda: not _segments_of(old_pid), what="the killed producer's segments reaped")
+    assert "reaped" in up.output()
+
+
+def _segments_of(pid: int) -> list[str]:
+    return [
+        p.name
+        for p in Path("/dev/shm").iterdir()
+        if p.name.startswith("dvla.") and p.name.split(".")[3] == str(pid)
+    ]
 
 
 def test_sigterm_stops_every_child_within_the_grace_period(up: Up) -> None:

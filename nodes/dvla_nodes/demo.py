@@ -1,11 +1,13 @@
 """The demo job's data roles (the main job until the training pipeline replaces it).
 
-``producer`` publishes observation-like messages (a ``uint8`` image and a ``float32``
-proprioception vector) on the data bus at ``rate_hz``; ``consumer`` discovers producers through
-the control bus's membership table, connects to their data endpoints, checks every message and
-reports rates, bandwidth, latency and sequence gaps in its heartbeats. Weight versions announced
-on the control bus are adopted by both and stamped into the data, so the consumer can count
-messages produced under a version older than the one it holds."""
+``consumer`` binds a data inbox and advertises it in its Join; ``producer`` finds consumers in
+the control bus's membership table, connects an outbox to each and sends observation-like
+messages (a ``uint8`` image and a ``float32`` proprioception vector) at ``rate_hz``. On one host
+the arrays travel through the producer's shared-memory slab pool (the inbox gets zero-copy
+views); across hosts as ZeroMQ frames. Credits bound what is in flight; with
+``policy = "drop_oldest"`` a producer facing a slow consumer drops its oldest unsent message
+and counts it. Weight versions announced on the control bus are adopted by both and stamped
+into the data, so the consumer can count messages produced under an older version."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import time
 import numpy as np
 
 from dvla_bus import wire
-from dvla_bus.data import Publisher, Subscriber, open_data_bus
 from dvla_bus.node import Node
+from dvla_bus.sockets import open_context
+from dvla_bus.transport import Inbox, Outbox, open_inbox, open_outbox
 
 __all__ = ["Consumer", "Producer"]
 
@@ -25,20 +28,38 @@ TOPIC = "obs"
 
 class Producer(Node):
     role = "producer"
-    description = "publishes observation-like arrays on the data bus (demo)"
+    description = "sends observation-like arrays to the consumers (demo)"
 
-    publisher: Publisher
+    outbox: Outbox
     version = -1
 
     async def setup(self) -> None:
         cfg = self.config
-        bus = await self.resources.enter_async_context(open_data_bus(cfg.node_id))
-        if cfg.control_endpoint.startswith("ipc://"):
-            bind = f"ipc://{cfg.run_dir}/data-{cfg.node_id}.sock"
-        else:
-            bind = f"tcp://{cfg.address}:0"
-        self.publisher = await bus.publisher(bind, hwm=int(cfg.settings.get("hwm", 16)))
-        self.endpoints["data"] = self.publisher.endpoint
+        side = int(cfg.settings.get("image_px", 64))
+        ctx = await self.resources.enter_async_context(open_context())
+        policy = str(cfg.settings.get("policy", "drop_oldest"))
+        self.outbox = await self.resources.enter_async_context(
+            open_outbox(
+                ctx,
+                name=cfg.node_id,
+                host=cfg.host,
+                run=cfg.run_id,
+                slab_size=side * side * 3 + 4096 + 64,
+                slabs=int(cfg.settings.get("slabs", 32)),
+                policy="block" if policy == "block" else "drop_oldest",
+                queue=int(cfg.settings.get("queue", 8)),
+            )
+        )
+
+    def on_members(self, members: tuple[wire.MemberInfo, ...]) -> None:
+        for m in members:
+            endpoint = m.endpoints.get("data")
+            if m.role != "consumer" or not endpoint:
+                continue
+            if m.state == "dead":
+                asyncio.get_running_loop().create_task(self.outbox.disconnect(endpoint))
+            else:
+                asyncio.get_running_loop().create_task(self.outbox.connect(endpoint))
 
     def on_version(self, announce: wire.VersionAnnounce) -> None:
         self.version = announce.version
@@ -49,28 +70,27 @@ class Producer(Node):
         rate = float(settings.get("rate_hz", 100.0))
         side = int(settings.get("image_px", 64))
         rng = np.random.default_rng(self.config.index)
-        image = rng.integers(0, 255, size=(side, side, 3), dtype=np.uint8)
-        proprio = np.zeros(8, dtype=np.float32)
         period = 1.0 / rate
         next_t = time.monotonic()
-        sent = dropped = 0
+        step = 0
         while True:
             await self.wait_unpaused()
-            if not any(m.role == "consumer" and m.state != "dead" for m in self.members):
-                # Nobody to send to yet: wait for the membership table rather than drop.
-                await asyncio.sleep(period)
-                next_t = time.monotonic()
-                continue
-            proprio[0] = sent
-            ok = await self.publisher.send(
-                wire.Data(meta={"step": sent, "version": self.version}),
-                TOPIC,
-                [image, proprio],
+            image = rng.integers(0, 255, size=(side, side, 3), dtype=np.uint8)
+            proprio = np.full(8, step, dtype=np.float32)
+            if self.outbox.statistics().peers:
+                await self.outbox.send(
+                    {"step": step, "version": self.version},
+                    {"image": image, "proprio": proprio},
+                    topic=TOPIC,
+                )
+                step += 1
+            stats = self.outbox.statistics()
+            self.counters.update(
+                sent=stats.sent,
+                sent_shm=stats.sent_shm,
+                dropped=sum(stats.dropped.values()),
+                in_flight=stats.in_flight,
             )
-            sent += ok
-            dropped += not ok
-            self.counters["sent"] = sent
-            self.counters["dropped"] = dropped
             next_t += period
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))
 
@@ -79,21 +99,26 @@ class Consumer(Node):
     role = "consumer"
     description = "receives and checks the producers' arrays (demo)"
 
-    subscriber: Subscriber
+    inbox: Inbox
     version = -1
 
     async def setup(self) -> None:
-        bus = await self.resources.enter_async_context(open_data_bus(self.config.node_id))
-        self.subscriber = await bus.subscriber(hwm=int(self.config.settings.get("hwm", 16)))
-
-    def on_members(self, members: tuple[wire.MemberInfo, ...]) -> None:
-        for m in members:
-            endpoint = m.endpoints.get("data")
-            if m.role == "producer" and endpoint:
-                if m.state == "dead":
-                    self.subscriber.disconnect(endpoint)
-                else:
-                    self.subscriber.connect(endpoint)
+        cfg = self.config
+        ctx = await self.resources.enter_async_context(open_context())
+        if cfg.control_endpoint.startswith("ipc://"):
+            bind = f"ipc://{cfg.run_dir}/data-{cfg.node_id}.sock"
+        else:
+            bind = f"tcp://{cfg.address}:0"
+        self.inbox = await self.resources.enter_async_context(
+            open_inbox(
+                ctx,
+                name=cfg.node_id,
+                host=cfg.host,
+                bind=[bind],
+                window=int(cfg.settings.get("window", 8)),
+            )
+        )
+        self.endpoints["data"] = self.inbox.endpoint
 
     def on_version(self, announce: wire.VersionAnnounce) -> None:
         self.version = announce.version
@@ -101,30 +126,27 @@ class Consumer(Node):
 
     async def run(self) -> None:
         last_step: dict[str, int] = {}
-        received = nbytes = gaps = stale = bad = 0
+        received = gaps = stale = bad = 0
         window_start = time.monotonic()
         window_msgs = window_bytes = 0
         latency = 0.0
         while True:
-            got = await self.subscriber.recv()
-            msg = got.msg
-            if not isinstance(msg, wire.Data) or len(got.arrays) != 2:
-                bad += 1
-                continue
-            step = int(msg.meta.get("step", -1))
-            prev = last_step.get(msg.sender)
-            if prev is not None and step > prev + 1:
-                gaps += step - prev - 1
-            last_step[msg.sender] = step
-            if int(msg.meta.get("version", -1)) < self.version:
-                stale += 1
-            if float(got.arrays[1][0]) != step:
-                bad += 1
-            received += 1
-            nbytes += got.nbytes
-            window_msgs += 1
-            window_bytes += got.nbytes
-            latency = 0.9 * latency + 0.1 * (time.time() - msg.ts)
+            with await self.inbox.recv() as got:
+                sender = got.msg.sender
+                step = int(got.meta.get("step", -1))
+                prev = last_step.get(sender)
+                if prev is not None and step > prev + 1:
+                    gaps += step - prev - 1
+                last_step[sender] = step
+                if int(got.meta.get("version", -1)) < self.version:
+                    stale += 1
+                proprio = got.arrays.get("proprio")
+                if proprio is None or float(proprio[0]) != step or not got.intact():
+                    bad += 1
+                received += 1
+                window_msgs += 1
+                window_bytes += got.nbytes
+                latency = 0.9 * latency + 0.1 * (time.time() - got.msg.ts)
             now = time.monotonic()
             if now - window_start >= 1.0:
                 span = now - window_start
@@ -132,11 +154,12 @@ class Consumer(Node):
                 self.gauges["mb_per_s"] = window_bytes / span / 1e6
                 window_start, window_msgs, window_bytes = now, 0, 0
             self.gauges["latency_ms"] = latency * 1e3
+            stats = self.inbox.statistics()
             self.counters.update(
                 received=received,
-                bytes=nbytes,
+                via_shm=stats.received_shm,
                 gaps=gaps,
                 stale=stale,
                 bad=bad,
-                producers=len(self.subscriber.connected),
+                producers=stats.peers,
             )

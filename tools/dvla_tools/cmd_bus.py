@@ -19,6 +19,8 @@ from rich.table import Table
 from dvla_bus import wire
 from dvla_bus.control import open_control_client
 from dvla_bus.errors import ConfigError
+from dvla_bus.reaper import reap
+from dvla_tools.bag_cli import add_bag_commands
 
 
 def register(sub: Any, name: str, help_text: str) -> None:
@@ -28,6 +30,14 @@ def register(sub: Any, name: str, help_text: str) -> None:
     _hub_args(lst)
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.set_defaults(func=_list)
+
+    reap_p = verbs.add_parser("reap", help="remove /dev/shm segments whose owner process is gone")
+    reap_p.add_argument("--run", help="only segments of this run id")
+    reap_p.add_argument("--dry-run", action="store_true", help="list, remove nothing")
+    reap_p.add_argument("--json", action="store_true", help="machine-readable output")
+    reap_p.set_defaults(func=_reap)
+
+    add_bag_commands(verbs)
 
 
 def _hub_args(parser: argparse.ArgumentParser) -> None:
@@ -80,4 +90,19 @@ def _list(args: argparse.Namespace) -> int:
             " ".join(f"{k}={v}" for k, v in m.endpoints.items()),
         )
     Console(width=200).print(table)
+    return 0
+
+
+def _reap(args: argparse.Namespace) -> int:
+    report = reap(args.run, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for info in report.removed:
+        print(f"{verb} {info.file} ({info.size} bytes, owner {info.status})")
+    print(
+        f"{verb} {len(report.removed)} segment(s), {report.bytes_freed} bytes; "
+        f"kept {len(report.kept)} with live owners"
+    )
     return 0

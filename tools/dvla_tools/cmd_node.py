@@ -20,6 +20,7 @@ from typing import Any
 from dvla_bus.deploy import ENV_SUPERVISOR, node_config
 from dvla_bus.errors import ConfigError
 from dvla_bus.node import run_node, set_parent_death_signal
+from dvla_bus.reaper import reap
 from dvla_bus.topology import NodePlacement, load_topology
 from dvla_nodes.roles import ROLES, known_roles, load_role
 
@@ -77,5 +78,7 @@ def _start(args: argparse.Namespace) -> int:
         format=f"%(asctime)s {cfg.node_id} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Clean up after any earlier incarnation killed with SIGKILL before taking new memory.
+    reap()
     node = load_role(args.role)(cfg)
     return run_node(node, parent=parent)

@@ -106,8 +106,10 @@ def child_specs(
     """One :class:`ChildSpec` per node the topology places on ``host`` (hub first)."""
     specs = []
     for p in topology.placements(host):
+        # A role may run under another interpreter (e.g. a simulator's own venv with dvla
+        # installed); the command line is the same.
         argv = (
-            sys.executable,
+            topology.interpreter(p) or sys.executable,
             "-m",
             "dvla_tools",
             "node",

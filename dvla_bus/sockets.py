@@ -34,6 +34,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_NOBLOCK: Final = int(zmq.NOBLOCK)  # a plain int: IntFlag arithmetic is slow on hot paths
 IPC_PATH_MAX: Final = 107  # sun_path is 108 bytes including the terminating NUL
 LOG_EVERY_S: Final = 5.0
 
@@ -208,6 +209,42 @@ class Channel:
         self._sent += 1
         self._bytes_sent += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
         return True
+
+    def send_frames_nowait(self, frames: list[Any]) -> None:
+        """Send already-encoded frames without creating a Future (raises ``zmq.Again`` when the
+        queue is full). This is pyzmq's own short-circuit for a send that can complete at once
+        (``zmq._future._AsyncSocket._add_send_event``), minus the Future: on the hot path of
+        small data messages the Future machinery costs more than the send."""
+        internals: Any = self.sock  # pyzmq's private async-socket state, typed loosely
+        internals._shadow_sock.send_multipart(frames, flags=_NOBLOCK, copy=False)
+        if internals._recv_futures:
+            # A send can consume the edge-triggered FD's readiness; let pending receivers
+            # re-check, exactly as pyzmq does after its own short-circuit send.
+            internals._schedule_remaining_events()
+        self._sent += 1
+
+    def recv_nowait(self) -> tuple[bytes | None, wire.Received] | None:
+        """The next valid message if one is already queued, else None (no Future, no wait).
+        Used to drain a burst after an awaited :meth:`recv`."""
+        internals: Any = self.sock
+        shadow = internals._shadow_sock
+        while True:
+            try:
+                frames = shadow.recv_multipart(flags=_NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            peer: bytes | None = None
+            if self.routed:
+                peer = frames[0].bytes
+                frames = frames[1:]
+            try:
+                received = wire.decode(frames)
+            except WireError as exc:
+                self.count_drop(exc.reason, exc.detail)
+                continue
+            self._received += 1
+            self._bytes_received += received.nbytes
+            return peer, received
 
     async def recv(self) -> tuple[bytes | None, wire.Received]:
         """The next valid message (and the peer's routing id on a routed channel)."""

@@ -178,7 +178,7 @@ class Inbox:
         self._bytes = 0
         self._torn = 0
         self._flush_scheduled = False
-        self._flush_tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
         self._ready: asyncio.Queue[Delivery] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
 
@@ -206,12 +206,20 @@ class Inbox:
     async def _read(self) -> None:
         # Runs for the inbox's lifetime so handshakes and credits flow even while the consumer
         # is busy; data waits in ``_ready`` (bounded by credit).
+        channel = self.channel
         while True:
-            peer, received = await self.channel.recv()
-            assert peer is not None
-            delivery = await self._accept(peer, received)
-            if delivery is not None:
-                self._ready.put_nowait(delivery)
+            got: tuple[bytes | None, wire.Received] | None = await channel.recv()
+            burst = 0
+            while got is not None:
+                peer, received = got
+                assert peer is not None
+                delivery = await self._accept(peer, received)
+                if delivery is not None:
+                    self._ready.put_nowait(delivery)
+                burst += 1
+                # Drain what is already queued without a Future per message (bounded burst,
+                # so one busy sender cannot starve the loop).
+                got = channel.recv_nowait() if burst < 64 else None
 
     async def _accept(self, peer: bytes, received: wire.Received) -> Delivery | None:
         msg = received.msg
@@ -311,24 +319,28 @@ class Inbox:
             self._schedule_flush()
 
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._closed:
             self._flush_scheduled = True
-            task = asyncio.get_running_loop().create_task(self._flush())
-            self._flush_tasks.add(task)
-            task.add_done_callback(self._flush_tasks.discard)
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def _flush(self) -> None:
-        # Runs once per loop iteration at most: releases made in one burst travel together.
+    def _flush(self) -> None:
+        # Runs at most once per loop iteration: releases made in one burst travel together.
         self._flush_scheduled = False
+        if self._closed:
+            return
         for peer, sender in self._senders.items():
             if sender.owed or sender.releases:
                 grant, released = sender.owed, tuple(sender.releases)
                 sender.owed = 0
                 sender.releases.clear()
                 sender.granted += grant
-                await self.channel.send(
-                    wire.Credit(grant=grant, released=released), "credit", to=peer, block=False
-                )
+                frames = self.channel.frames(wire.Credit(grant=grant, released=released), "credit")
+                try:
+                    self.channel.send_frames_nowait([peer, *frames])
+                except zmq.ZMQError:
+                    # The sender is gone (unroutable) or its queue is full: it will get a
+                    # reset on its next message, so nothing is lost by dropping this.
+                    self.channel.count_drop("unroutable", "credit for a vanished sender")
 
     async def reply(
         self,
@@ -370,7 +382,8 @@ class Inbox:
         )
 
     async def _close(self) -> None:
-        tasks = [*self._flush_tasks, *([self._reader] if self._reader else [])]
+        self._closed = True
+        tasks = [self._reader] if self._reader else []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -533,31 +546,39 @@ class Outbox:
     async def _listen(self, peer: _Peer) -> None:
         while True:
             _, received = await peer.channel.recv()
-            msg = received.msg
-            match msg:
-                case wire.Credit() if msg.reset:
-                    self._reset(peer)
-                    await peer.channel.send(wire.Hello(host=self.host), "hello")
-                case wire.Credit():
-                    if msg.host:
-                        peer.host = msg.host
-                        peer.ready = True
-                    peer.credits += msg.grant
-                    for index, generation in msg.released:
-                        handle = peer.in_flight.pop(index, None)
-                        if handle is None or handle.generation != generation or self.pool is None:
-                            peer.channel.count_drop("bad_release", f"slab {index}/{generation}")
-                            continue
-                        self.pool.release(handle)
-                    self._credit.set()
-                    await self._pump()
-                case wire.Data():
-                    if self._replies.full():
-                        peer.channel.count_drop("reply_queue_full", "reply dropped")
-                    else:
-                        self._replies.put_nowait(received)
-                case _:
-                    peer.channel.count_drop("unexpected", type(msg).__name__)
+            await self._on_peer_message(peer, received)
+            for _ in range(64):
+                more = peer.channel.recv_nowait()
+                if more is None:
+                    break
+                await self._on_peer_message(peer, more[1])
+
+    async def _on_peer_message(self, peer: _Peer, received: wire.Received) -> None:
+        msg = received.msg
+        match msg:
+            case wire.Credit() if msg.reset:
+                self._reset(peer)
+                await peer.channel.send(wire.Hello(host=self.host), "hello")
+            case wire.Credit():
+                if msg.host:
+                    peer.host = msg.host
+                    peer.ready = True
+                peer.credits += msg.grant
+                for index, generation in msg.released:
+                    handle = peer.in_flight.pop(index, None)
+                    if handle is None or handle.generation != generation or self.pool is None:
+                        peer.channel.count_drop("bad_release", f"slab {index}/{generation}")
+                        continue
+                    self.pool.release(handle)
+                self._credit.set()
+                await self._pump()
+            case wire.Data():
+                if self._replies.full():
+                    peer.channel.count_drop("reply_queue_full", "reply dropped")
+                else:
+                    self._replies.put_nowait(received)
+            case _:
+                peer.channel.count_drop("unexpected", type(msg).__name__)
 
     def _reset(self, peer: _Peer) -> None:
         """Forget a peer's credit and take back the slabs it held (it restarted or died)."""
@@ -679,7 +700,7 @@ class Outbox:
             arrays_out = [a for _, a in entry.arrays]
             frames = peer.channel.frames(msg, entry.topic, arrays_out)
         try:
-            await peer.channel.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            peer.channel.send_frames_nowait(frames)
         except zmq.ZMQError as exc:
             # Unlimited HWM: only a closed socket lands here. Return the slab and the credit.
             if entry.handle is not None and self.pool is not None:

@@ -23,3 +23,20 @@ def test_bench_bus_quick_writes_json(tmp_path: Path) -> None:
         assert case["gbps"] > 0
         assert case["msgs_per_s"] > 0
     assert set(doc["ratios"]) == set(doc["targets"])
+
+
+def test_bench_control_quick_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "control.json"
+    proc = dvla("bench", "control", "--pings", "50", "--json", str(out), timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert [c["name"] for c in doc["cases"]] == [
+        "idle",
+        "dvla-shm-load",
+        "dvla-tcp-load",
+        "same-socket",
+    ]
+    for case in doc["cases"]:
+        assert case["pings"] == 50
+        assert 0 < case["p50_ms"] <= case["p99_ms"] <= case["max_ms"]
+    assert set(doc["checks"]) >= set(doc["targets"])

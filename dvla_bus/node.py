@@ -17,17 +17,19 @@ import asyncio
 import contextlib
 import ctypes
 import faulthandler
+import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Final
 
 from dvla_bus import wire
 from dvla_bus.control import ControlClient, JoinInfo, open_control_client
+from dvla_bus.lanes import Lanes
 
 __all__ = ["Node", "NodeConfig", "run_node", "set_parent_death_signal"]
 
@@ -76,6 +78,9 @@ class Node:
         self.resources = contextlib.AsyncExitStack()
         self.counters: dict[str, int] = {}
         self.gauges: dict[str, float] = {}
+        # Extra counter sources merged into every heartbeat (e.g. ``inbox.counters``).
+        self.meters: list[Callable[[], dict[str, int]]] = []
+        self.lanes = Lanes(config.node_id)
         self.endpoints: dict[str, str] = {}  # advertised in Join; set them in setup()
         self.members: tuple[wire.MemberInfo, ...] = ()
         self._control: ControlClient | None = None
@@ -132,8 +137,24 @@ class Node:
         self.control.update(weight_version=version)
 
     def statistics(self) -> tuple[dict[str, int], dict[str, float]]:
-        """Counters and gauges for heartbeats (and ``statistics()`` in-process)."""
-        return dict(self.counters), dict(self.gauges)
+        """Counters and gauges for heartbeats (and ``statistics()`` in-process); lane
+        utilisation appears as gauges ``lane.<name>.busy`` (fraction of wall time)."""
+        counters = dict(self.counters)
+        for meter in self.meters:
+            counters.update(meter())
+        gauges = dict(self.gauges)
+        for lane, frac in self.lanes.statistics().utilisation().items():
+            gauges[f"lane.{lane}.busy"] = frac
+        return counters, gauges
+
+    def _write_trace(self, tag: str) -> None:
+        """Write this node's lane intervals for ``dvla bus trace`` (atomically)."""
+        out = self.config.run_dir / "trace"
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / f"{self.config.node_id}.json"
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"tag": tag, "events": self.lanes.chrome_trace()}))
+        os.replace(tmp, target)
 
     # --- runtime plumbing ----------------------------------------------------------------
 
@@ -150,6 +171,8 @@ class Node:
                 self.request_stop()
             case wire.Command(command="checkpoint"):
                 self.on_checkpoint(msg)
+            case wire.Command(command="trace"):
+                self._write_trace(str(msg.args.get("tag", "")))
             case wire.VersionAnnounce():
                 self.on_version(msg)
             case wire.Members():

@@ -164,8 +164,20 @@ class _Sender:
 class Inbox:
     """The receiving end; create with :func:`open_inbox`."""
 
-    def __init__(self, channel: Channel, host: str, window: int, endpoints: list[str]) -> None:
+    def __init__(
+        self,
+        channel: Channel,
+        host: str,
+        window: int,
+        endpoints: list[str],
+        tap: zmq.asyncio.Socket | None = None,
+    ) -> None:
         self.channel = channel
+        self.tap = tap
+        self.tap_endpoint = bound_endpoint(tap) if tap is not None else ""
+        self._tap_topics: set[bytes] = set()
+        self._tap_sent = 0
+        self._topics: Counter[str] = Counter()
         self.host = host_identity(host)
         self.window = window
         self.endpoints = endpoints
@@ -181,6 +193,7 @@ class Inbox:
         self._closed = False
         self._ready: asyncio.Queue[Delivery] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
+        self._tap_watcher: asyncio.Task[None] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -215,6 +228,9 @@ class Inbox:
                 assert peer is not None
                 delivery = await self._accept(peer, received)
                 if delivery is not None:
+                    self._topics[delivery.topic] += 1
+                    if self._tap_topics:
+                        self._publish_tap(delivery, received)
                     self._ready.put_nowait(delivery)
                 burst += 1
                 # Drain what is already queued without a Future per message (bounded burst,
@@ -359,6 +375,54 @@ class Inbox:
             block=False,
         )
 
+    # --- the tap: a copy of every delivery for inspection tools, only while one listens ------
+
+    async def _watch_tap(self) -> None:
+        # XPUB hands us (un)subscriptions: b"\x01" + prefix / b"\x00" + prefix. Without
+        # XPUB_VERBOSE, ZeroMQ reports each prefix once while anyone holds it, so a set is exact.
+        assert self.tap is not None
+        while True:
+            event = await self.tap.recv()
+            if event[:1] == b"\x01":
+                self._tap_topics.add(event[1:])
+            elif event[:1] == b"\x00":
+                self._tap_topics.discard(event[1:])
+
+    def _publish_tap(self, delivery: Delivery, received: wire.Received) -> None:
+        topic = delivery.topic.encode()
+        if not any(topic.startswith(prefix) for prefix in self._tap_topics):
+            return
+        assert self.tap is not None
+        msg = delivery.msg
+        if isinstance(msg, wire.ShmData):
+            # Shared memory is the sender's and is reused after release: the tap gets a copy.
+            names = tuple(delivery.arrays)
+            arrays = [np.array(a) for a in delivery.arrays.values()]
+        else:
+            names = msg.names
+            arrays = list(received.arrays)
+        header = wire.stamp(
+            wire.Data(meta=dict(msg.meta), names=names), msg.sender, msg.seq, msg.ts
+        )
+        try:
+            frames = wire.encode(delivery.topic, header, arrays)
+            internals: Any = self.tap
+            internals._shadow_sock.send_multipart(frames, flags=int(zmq.NOBLOCK), copy=False)
+            self._tap_sent += 1
+        except zmq.Again:
+            # A slow listener never slows the data bus: its copy is dropped and counted.
+            self.channel.count_drop("tap_full", f"tap copy of {delivery.topic!r}")
+
+    def counters(self) -> dict[str, int]:
+        """Flat counters for heartbeats: per-topic receipts, drops, held and pending."""
+        out = {f"rx.topic.{t}": n for t, n in self._topics.items()}
+        out.update({f"rx.dropped.{k}": v for k, v in self.channel.dropped.items()})
+        out["rx.held"] = self._held
+        out["rx.pending"] = self._ready.qsize()
+        out["rx.tap_sent"] = self._tap_sent
+        out["rx.tap_topics"] = len(self._tap_topics)
+        return out
+
     def forget_dead_pools(self) -> int:
         """Unmap pools whose owner process is gone (call periodically); returns how many."""
         closed = 0
@@ -383,7 +447,7 @@ class Inbox:
 
     async def _close(self) -> None:
         self._closed = True
-        tasks = [self._reader] if self._reader else []
+        tasks = [t for t in (self._reader, self._tap_watcher) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -408,9 +472,13 @@ async def open_inbox(
     bind: Sequence[str],
     window: int = 8,
     max_frame: int = DATA_MAX_FRAME,
+    tap: str | None = None,
 ) -> AsyncIterator[Inbox]:
     """An inbox bound at every endpoint in ``bind`` (``tcp://HOST:0`` picks a port; read
-    :attr:`Inbox.endpoints`). ``window`` is the credit each sender gets."""
+    :attr:`Inbox.endpoints`). ``window`` is the credit each sender gets. With ``tap``, an XPUB
+    socket bound there publishes a copy of each delivery on its topic — only while a
+    subscriber listens to that topic (``dvla bus echo/hz/bw/record``), dropping and counting
+    copies a slow listener cannot take."""
     if window < 1:
         raise ValueError("window must be >= 1")
     async with contextlib.AsyncExitStack() as stack:
@@ -435,8 +503,20 @@ async def open_inbox(
             except zmq.ZMQError as exc:
                 raise ResourceError(f"cannot bind {extra}: {exc}") from None
             endpoints.append(bound_endpoint(sock))
-        inbox = Inbox(Channel(sock, name, routed=True), host, window, endpoints)
+        tap_sock = None
+        if tap is not None:
+            tap_sock = await stack.enter_async_context(
+                open_socket(
+                    ctx,
+                    zmq.XPUB,
+                    bind=tap,
+                    options={zmq.SNDHWM: 64, zmq.XPUB_NODROP: 1},
+                )
+            )
+        inbox = Inbox(Channel(sock, name, routed=True), host, window, endpoints, tap_sock)
         inbox._reader = asyncio.create_task(inbox._read())
+        if tap_sock is not None:
+            inbox._tap_watcher = asyncio.create_task(inbox._watch_tap())
         try:
             yield inbox
         finally:
@@ -510,6 +590,7 @@ class Outbox:
         self._sent_shm = 0
         self._bytes = 0
         self._credit_waits = 0
+        self._topics: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
 
     # --- peers ---------------------------------------------------------------------------
@@ -710,6 +791,7 @@ class Outbox:
             self.dropped[f"send_error.{exc.errno}"] += 1
             return False
         self._sent += 1
+        self._topics[entry.topic] += 1
         self._bytes += sum(a.nbytes for _, a in entry.arrays)
         return True
 
@@ -746,6 +828,16 @@ class Outbox:
             return await asyncio.wait_for(self._replies.get(), timeout)
         except TimeoutError:
             raise DeadlineExceeded(f"outbox {self.name}: no reply within {timeout:.3f}s") from None
+
+    def counters(self) -> dict[str, int]:
+        """Flat counters for heartbeats: per-topic sends, drops, in flight, queued, waits."""
+        stats = self.statistics()
+        out = {f"tx.topic.{t}": n for t, n in self._topics.items()}
+        out.update({f"tx.dropped.{k}": v for k, v in stats.dropped.items()})
+        out["tx.in_flight"] = stats.in_flight
+        out["tx.queued"] = stats.queued
+        out["tx.credit_waits"] = stats.credit_waits
+        return out
 
     def statistics(self) -> OutboxStats:
         dropped = Counter(self.dropped)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,59 +13,12 @@ import pytest
 
 from dvla_bus import wire
 from tests.helpers import (
+    Job,
     dvla,
     hub_send,
     members_by_node,
-    spawn,
-    stop,
     wait_status,
-    write_topology,
 )
-
-
-class Job:
-    """Nodes started one by one with ``dvla node start`` (no supervisor), all cleaned up."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.topology = write_topology(
-            root / "t.toml",
-            "coordinator = 1, producer = 2, consumer = 1",
-            extra="[roles.producer]\nrate_hz = 50.0\nimage_px = 8\n",
-        )
-        self.endpoint = f"ipc://{root}/c.sock"
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, role: str, index: int = 0) -> subprocess.Popen[bytes]:
-        name = f"{role}.h.{index}"
-        proc = spawn(
-            [
-                "node",
-                "start",
-                "--role",
-                role,
-                "--topology",
-                str(self.topology),
-                "--host",
-                "h",
-                "--index",
-                str(index),
-                "--run-dir",
-                str(self.root),
-                "--grace",
-                "3",
-            ],
-            self.root / f"{name}.log",
-        )
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text()
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            stop(proc)
 
 
 @pytest.fixture

@@ -50,6 +50,7 @@ class Producer(Node):
                 queue=int(cfg.settings.get("queue", 8)),
             )
         )
+        self.meters.append(self.outbox.counters)
 
     def on_members(self, members: tuple[wire.MemberInfo, ...]) -> None:
         for m in members:
@@ -78,11 +79,12 @@ class Producer(Node):
             image = rng.integers(0, 255, size=(side, side, 3), dtype=np.uint8)
             proprio = np.full(8, step, dtype=np.float32)
             if self.outbox.statistics().peers:
-                await self.outbox.send(
-                    {"step": step, "version": self.version},
-                    {"image": image, "proprio": proprio},
-                    topic=TOPIC,
-                )
+                with self.lanes.busy("produce"):
+                    await self.outbox.send(
+                        {"step": step, "version": self.version},
+                        {"image": image, "proprio": proprio},
+                        topic=TOPIC,
+                    )
                 step += 1
             stats = self.outbox.statistics()
             self.counters.update(
@@ -107,8 +109,9 @@ class Consumer(Node):
         ctx = await self.resources.enter_async_context(open_context())
         if cfg.control_endpoint.startswith("ipc://"):
             bind = f"ipc://{cfg.run_dir}/data-{cfg.node_id}.sock"
+            tap = f"ipc://{cfg.run_dir}/tap-{cfg.node_id}.sock"
         else:
-            bind = f"tcp://{cfg.address}:0"
+            bind = tap = f"tcp://{cfg.address}:0"
         self.inbox = await self.resources.enter_async_context(
             open_inbox(
                 ctx,
@@ -116,9 +119,12 @@ class Consumer(Node):
                 host=cfg.host,
                 bind=[bind],
                 window=int(cfg.settings.get("window", 8)),
+                tap=tap,
             )
         )
         self.endpoints["data"] = self.inbox.endpoint
+        self.endpoints["tap"] = self.inbox.tap_endpoint
+        self.meters.append(self.inbox.counters)
 
     def on_version(self, announce: wire.VersionAnnounce) -> None:
         self.version = announce.version
@@ -131,7 +137,8 @@ class Consumer(Node):
         window_msgs = window_bytes = 0
         latency = 0.0
         while True:
-            with await self.inbox.recv() as got:
+            got = await self.inbox.recv()
+            with self.lanes.busy("consume"), got:
                 sender = got.msg.sender
                 step = int(got.meta.get("step", -1))
                 prev = last_step.get(sender)

@@ -21,6 +21,7 @@ from dvla_bus.control import open_control_client
 from dvla_bus.errors import ConfigError
 from dvla_bus.reaper import reap
 from dvla_tools.bag_cli import add_bag_commands
+from dvla_tools.bus_inspect import add_inspect_commands
 
 
 def register(sub: Any, name: str, help_text: str) -> None:
@@ -38,6 +39,7 @@ def register(sub: Any, name: str, help_text: str) -> None:
     reap_p.set_defaults(func=_reap)
 
     add_bag_commands(verbs)
+    add_inspect_commands(verbs, _hub_args, hub_endpoint)
 
 
 def _hub_args(parser: argparse.ArgumentParser) -> None:
@@ -70,10 +72,27 @@ async def query(endpoint: str, timeout: float) -> wire.Status:
         return await client.query(timeout=timeout)
 
 
+def topics(status: wire.Status) -> dict[str, dict[str, list[str]]]:
+    """topic -> publishers and subscribers, from the nodes' ``tx.topic.*`` / ``rx.topic.*``
+    counters."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for m in status.members:
+        for key in m.counters:
+            for prefix, side in (("tx.topic.", "publishers"), ("rx.topic.", "subscribers")):
+                if key.startswith(prefix):
+                    entry = out.setdefault(
+                        key[len(prefix) :], {"publishers": [], "subscribers": []}
+                    )
+                    entry[side].append(m.node)
+    return out
+
+
 def _list(args: argparse.Namespace) -> int:
     status = asyncio.run(query(hub_endpoint(args), args.timeout))
     if args.json:
-        print(json.dumps(msgspec.to_builtins(status), indent=2))
+        doc = msgspec.to_builtins(status)
+        doc["topics"] = topics(status)
+        print(json.dumps(doc, indent=2))
         return 0
     table = Table(title=f"hub {status.epoch}: latest weight version {status.latest_version}")
     for col in ("node", "role", "host", "pid", "state", "version", "heartbeat", "endpoints"):
@@ -89,7 +108,16 @@ def _list(args: argparse.Namespace) -> int:
             f"{m.heartbeat_age:.1f}s",
             " ".join(f"{k}={v}" for k, v in m.endpoints.items()),
         )
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    found = topics(status)
+    if found:
+        tt = Table(title="topics")
+        for col in ("topic", "publishers", "subscribers"):
+            tt.add_column(col)
+        for name, sides in sorted(found.items()):
+            tt.add_row(name, ", ".join(sides["publishers"]), ", ".join(sides["subscribers"]))
+        console.print(tt)
     return 0
 
 

@@ -43,6 +43,7 @@ import zmq.asyncio
 
 from dvla_bus import wire
 from dvla_bus.errors import DeadlineExceeded
+from dvla_bus.security import Credentials, client_options, is_remote, zap_statistics
 from dvla_bus.sockets import Channel, bound_endpoint, open_context, open_socket
 
 __all__ = [
@@ -70,6 +71,7 @@ class HubConfig:
     endpoint: str
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 5.0
+    credentials: Credentials | None = None  # CURVE on tcp:// endpoints when given
 
 
 @dataclass(slots=True)
@@ -126,6 +128,7 @@ class ControlHub:
     def statistics(self) -> dict[str, int]:
         stats = dict(self.counters)
         stats.update({f"dropped.{k}": v for k, v in self.channel.dropped.items()})
+        stats.update(zap_statistics(self.channel.sock.context))
         stats["members.alive"] = sum(1 for m in self._members.values() if m.state != "dead")
         stats["members.dead"] = sum(1 for m in self._members.values() if m.state == "dead")
         return stats
@@ -266,7 +269,7 @@ async def open_control_hub(config: HubConfig, name: str = "hub") -> AsyncIterato
     """Bind the hub at ``config.endpoint`` (``tcp://host:0`` picks a free port; read
     :attr:`ControlHub.endpoint`) and serve until the block exits."""
     async with (
-        open_context() as ctx,
+        open_context(credentials=config.credentials) as ctx,
         open_socket(
             ctx,
             zmq.ROUTER,
@@ -277,6 +280,7 @@ async def open_control_hub(config: HubConfig, name: str = "hub") -> AsyncIterato
                 zmq.SNDHWM: HWM,
                 zmq.RCVHWM: HWM,
             },
+            credentials=config.credentials,
         ) as sock,
     ):
         hub = ControlHub(config, Channel(sock, name, routed=True))
@@ -324,8 +328,10 @@ class ControlClient:
         heartbeat_timeout: float,
         on_message: MessageFn | None,
         stats: StatsFn | None,
+        credentials: Credentials | None = None,
     ) -> None:
         self._ctx = ctx
+        self._credentials = credentials
         self.endpoint = endpoint
         self.join_info = join
         self.heartbeat_interval = heartbeat_interval
@@ -362,6 +368,9 @@ class ControlClient:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(self.heartbeat_timeout * 1000)))
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self._credentials is not None and is_remote(self.endpoint):
+            for opt, value in client_options(self._credentials).items():
+                sock.setsockopt(opt, value)
         sock.connect(self.endpoint)
         self._sock = sock
         sender = self.join_info.node if self.join_info else f"observer.{os.getpid()}"
@@ -529,6 +538,7 @@ async def open_control_client(
     heartbeat_timeout: float = 5.0,
     on_message: MessageFn | None = None,
     stats: StatsFn | None = None,
+    credentials: Credentials | None = None,
 ) -> AsyncIterator[ControlClient]:
     """Connect to the hub at ``endpoint`` in a private context. As a member, joining starts at
     once (await ``client.joined.wait()`` to know it is done); on exit the member says
@@ -542,6 +552,7 @@ async def open_control_client(
             heartbeat_timeout=heartbeat_timeout,
             on_message=on_message,
             stats=stats,
+            credentials=credentials,
         )
         client._open()
         tasks = [asyncio.create_task(client.receive_loop())]

@@ -6,6 +6,7 @@ so a node started by hand is configured exactly like one started by the supervis
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -15,12 +16,16 @@ from pathlib import Path
 
 from dvla_bus.errors import ConfigError
 from dvla_bus.node import NodeConfig
+from dvla_bus.security import Credentials, load_credentials
 from dvla_bus.topology import NodePlacement, Topology
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ChildSpec",
     "child_specs",
     "control_endpoint",
+    "credentials",
     "local_host",
     "make_run_dir",
     "node_config",
@@ -28,6 +33,9 @@ __all__ = [
 
 #: Environment variable through which a launcher overrides the control hub's endpoint.
 ENV_CONTROL: str = "DVLA_CONTROL_ENDPOINT"
+#: Set by a cluster launcher: the address this host's nodes bind and advertise (overrides the
+#: topology's ``address``, e.g. a pod IP or the Slurm node's address).
+ENV_ADDRESS: str = "DVLA_HOST_ADDRESS"
 #: Set by the supervisor in each child: the child stops when this process is gone.
 ENV_SUPERVISOR: str = "DVLA_SUPERVISOR_PID"
 
@@ -69,23 +77,48 @@ def local_host(topology: Topology, requested: str | None) -> str:
     )
 
 
+def credentials(topology: Topology, host: str) -> tuple[Credentials | None, Credentials | None]:
+    """(control, data) credentials for nodes on ``host``; raises :class:`ConfigError` when a
+    topology spans several hosts with neither keys nor an explicit ``insecure = true``."""
+    sec = topology.security
+    if sec.keys is None:
+        if len(topology.hosts) > 1 and not sec.insecure:
+            raise ConfigError(
+                f"{topology.file}: security.keys: the topology spans {len(topology.hosts)} "
+                "hosts and the control bus is encrypted across hosts; create keys with "
+                '`dvla keys new DIR --host <each host>` and set [security] keys = "DIR" '
+                "(or insecure = true on a trusted network)"
+            )
+        if sec.insecure:
+            log.warning("%s: [security] insecure = true: CURVE is off on every bus", topology.file)
+        return None, None
+    creds = load_credentials(sec.keys, host)
+    # "across-racks" is served as "always": a socket has one security mode and an inbox
+    # serves senders from every rack.
+    data = None if topology.data.encrypt == "never" else creds
+    return creds, data
+
+
 def node_config(
     topology: Topology, placement: NodePlacement, run_dir: Path, grace: float = 5.0
 ) -> NodeConfig:
     host = topology.host(placement.host)
+    control_creds, data_creds = credentials(topology, placement.host)
     return NodeConfig(
         role=placement.role,
         host=placement.host,
         index=placement.index,
         run_dir=run_dir,
         control_endpoint=control_endpoint(topology, run_dir),
-        address=host.address,
+        address=os.environ.get(ENV_ADDRESS) or host.address,
         heartbeat_interval=topology.control.heartbeat_interval_s,
         heartbeat_timeout=topology.control.heartbeat_timeout_s,
         grace=grace,
         settings=topology.settings(placement.role),
         topology_file=topology.file,
         topology_name=topology.name,
+        control_credentials=control_creds,
+        data_credentials=data_creds,
     )
 
 

@@ -30,6 +30,7 @@ from typing import ClassVar, Final
 from dvla_bus import wire
 from dvla_bus.control import ControlClient, JoinInfo, open_control_client
 from dvla_bus.lanes import Lanes
+from dvla_bus.security import Credentials
 
 __all__ = ["Node", "NodeConfig", "run_node", "set_parent_death_signal"]
 
@@ -54,6 +55,10 @@ class NodeConfig:
     settings: Mapping[str, wire.Scalar] = field(default_factory=dict)
     topology_file: str = ""
     topology_name: str = "adhoc"
+    # CURVE for tcp:// connections: control always when set; data per the topology's
+    # [data] encrypt (None: that plane is plain, on one host or in trusted-network mode).
+    control_credentials: Credentials | None = None
+    data_credentials: Credentials | None = None
 
     @property
     def node_id(self) -> str:
@@ -228,6 +233,7 @@ async def _serve(node: Node, parent: int | None) -> int:
                     heartbeat_timeout=cfg.heartbeat_timeout,
                     on_message=node._dispatch,
                     stats=node.statistics,
+                    credentials=cfg.control_credentials,
                 ) as control:
                     node._control = control
                     control.update(state="running")

@@ -23,6 +23,13 @@ import zmq.asyncio
 
 from dvla_bus import wire
 from dvla_bus.errors import ResourceError, WireError
+from dvla_bus.security import (
+    Credentials,
+    client_options,
+    is_remote,
+    open_zap,
+    server_options,
+)
 
 __all__ = [
     "Channel",
@@ -66,11 +73,16 @@ def check_endpoint(endpoint: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_context(io_threads: int = 1) -> AsyncIterator[zmq.asyncio.Context]:
-    """A private ZeroMQ context (one per plane); terminated on exit."""
+async def open_context(
+    io_threads: int = 1, credentials: Credentials | None = None
+) -> AsyncIterator[zmq.asyncio.Context]:
+    """A private ZeroMQ context (one per plane); terminated on exit. With ``credentials`` its
+    CURVE server sockets admit only the deployment's client keys (a ZAP handler runs on the
+    event loop for the context's lifetime)."""
     ctx = zmq.asyncio.Context(io_threads=io_threads)
     try:
-        yield ctx
+        async with open_zap(ctx, credentials):
+            yield ctx
     finally:
         ctx.destroy(linger=0)
 
@@ -83,16 +95,25 @@ async def open_socket(
     bind: str | None = None,
     connect: Sequence[str] = (),
     options: dict[int, Any] | None = None,
+    credentials: Credentials | None = None,
 ) -> AsyncIterator[zmq.asyncio.Socket]:
     """A socket bound and/or connected as asked, closed with linger 0 on exit.
 
-    ``ipc://`` socket files are made private to the user (0600) and removed on exit. Errors name
-    the endpoint."""
+    With ``credentials`` and a ``tcp://`` endpoint the socket speaks CURVE: as a server when
+    it binds, as a client when it connects (the context must have been opened with the same
+    credentials for its ZAP handler). ``ipc://`` socket files are made private to the user
+    (0600) and removed on exit. Errors name the endpoint."""
     sock = ctx.socket(socket_type)
     ipc_file: str | None = None
     try:
         sock.setsockopt(zmq.LINGER, 0)
-        for opt, value in (options or {}).items():
+        opts = dict(options or {})
+        if credentials is not None:
+            if bind is not None and is_remote(bind):
+                opts.update(server_options(credentials))
+            elif bind is None and any(is_remote(c) for c in connect):
+                opts.update(client_options(credentials))
+        for opt, value in opts.items():
             sock.setsockopt(opt, value)
         if bind is not None:
             endpoint = check_endpoint(bind)

@@ -21,6 +21,7 @@ import zmq.asyncio
 from dvla_bus import wire
 from dvla_bus.control import open_control_client
 from dvla_bus.errors import DeadlineExceeded, WireError
+from dvla_bus.security import Credentials, client_options, is_remote
 from dvla_bus.sockets import open_context
 
 __all__ = ["Tap", "TapMessage", "open_tap", "tap_endpoints"]
@@ -67,13 +68,17 @@ class Tap:
 
 @contextlib.asynccontextmanager
 async def open_tap(
-    control_endpoint: str, topics: Sequence[str] = ("",), timeout: float = 5.0, hwm: int = 1000
+    control_endpoint: str,
+    topics: Sequence[str] = ("",),
+    timeout: float = 5.0,
+    hwm: int = 1000,
+    credentials: Credentials | None = None,
 ) -> AsyncIterator[Tap]:
     """Subscribe to ``topics`` (prefixes; ``""`` is everything) on every tap of the job whose
     hub is at ``control_endpoint``. Raises :class:`DeadlineExceeded` if the hub does not answer
     and :class:`~dvla_bus.errors.ConfigError`-like :class:`DeadlineExceeded` if no node has a
     tap."""
-    async with open_control_client(control_endpoint) as client:
+    async with open_control_client(control_endpoint, credentials=credentials) as client:
         status = await client.query(timeout=timeout)
     endpoints = tap_endpoints(status)
     if not endpoints:
@@ -87,6 +92,10 @@ async def open_tap(
             sock.setsockopt(zmq.RCVHWM, hwm)
             for topic in topics:
                 sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+            remote = [e for e in endpoints.values() if is_remote(e)]
+            if credentials is not None and remote:
+                for opt, value in client_options(credentials).items():
+                    sock.setsockopt(opt, value)
             for endpoint in endpoints.values():
                 sock.connect(endpoint)
             yield Tap(sock, endpoints)

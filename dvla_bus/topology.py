@@ -289,6 +289,22 @@ class DataSpec:
     encrypt: str = "always"
 
 
+@dataclass(frozen=True, slots=True)
+class SecuritySpec:
+    """``[security]``: ``keys`` is the deployment's key directory (``dvla keys new``; resolved
+    relative to the topology file), which turns CURVE on for every ``tcp://`` control connection
+    and for data connections as ``[data] encrypt`` says. A topology spanning several hosts
+    needs keys unless ``insecure = true`` states, loudly, that the network is trusted."""
+
+    keys: str | None = None
+    insecure: bool = False
+
+
+class _SecurityEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    keys: str | None = None
+    insecure: bool = False
+
+
 class _LinksEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     host_nic: _Quantity | None = None
     rack_uplink: _Quantity | None = None
@@ -347,6 +363,7 @@ class _TopologyFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     links: _LinksEntry = _LinksEntry()
     replication: _ReplicationEntry = _ReplicationEntry()
     data: _DataEntry = _DataEntry()
+    security: _SecurityEntry = _SecurityEntry()
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,6 +395,7 @@ class Topology:
     links: LinkSpec = LinkSpec()
     replication: ReplicationSpec = ReplicationSpec()
     data: DataSpec = DataSpec()
+    security: SecuritySpec = SecuritySpec()
     # Where each host / rack came from in the file ("hosts[3]", "racks[1].hosts"), for messages.
     origins: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     _host_index: Mapping[str, int] = field(default_factory=dict, repr=False, compare=False)
@@ -532,6 +550,19 @@ class _Checker:
 
     def fail(self, path: str, problem: str) -> TopologyError:
         return TopologyError(self.file, path, problem)
+
+    def _security(
+        self, entry: _SecurityEntry, fail: Callable[[str, str], TopologyError]
+    ) -> SecuritySpec:
+        keys = entry.keys
+        if keys is not None:
+            if not keys:
+                raise fail("security.keys", "must not be empty (a key directory)")
+            path = Path(keys)
+            if not path.is_absolute():
+                path = (Path(self.file).resolve().parent / path).resolve()
+            keys = str(path)
+        return SecuritySpec(keys=keys, insecure=entry.insecure)
 
     def quantity(self, path: str, value: _Quantity, parse: Callable[[_Quantity], float]) -> float:
         try:
@@ -828,6 +859,7 @@ class _Checker:
                 checksum=rep.checksum,
             ),
             data=DataSpec(port=data.port, encrypt=data.encrypt),
+            security=self._security(raw.security, fail),
             origins=MappingProxyType(origins),
             _host_index=MappingProxyType(host_index),
             _rack_index=MappingProxyType({r.name: i for i, r in enumerate(racks)}),

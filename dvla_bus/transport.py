@@ -54,6 +54,7 @@ from dvla_bus.pool import (
     attach_pool,
     create_pool,
 )
+from dvla_bus.security import Credentials, zap_statistics
 from dvla_bus.shm import OwnerStatus, SegmentName, owner_status
 from dvla_bus.sockets import Channel, bound_endpoint, open_socket
 
@@ -419,6 +420,7 @@ class Inbox:
         out.update({f"rx.dropped.{k}": v for k, v in self.channel.dropped.items()})
         out["rx.held"] = self._held
         out["rx.pending"] = self._ready.qsize()
+        out.update(zap_statistics(self.channel.sock.context))
         out["rx.tap_sent"] = self._tap_sent
         out["rx.tap_topics"] = len(self._tap_topics)
         return out
@@ -473,12 +475,14 @@ async def open_inbox(
     window: int = 8,
     max_frame: int = DATA_MAX_FRAME,
     tap: str | None = None,
+    credentials: Credentials | None = None,
 ) -> AsyncIterator[Inbox]:
     """An inbox bound at every endpoint in ``bind`` (``tcp://HOST:0`` picks a port; read
     :attr:`Inbox.endpoints`). ``window`` is the credit each sender gets. With ``tap``, an XPUB
     socket bound there publishes a copy of each delivery on its topic — only while a
     subscriber listens to that topic (``dvla bus echo/hz/bw/record``), dropping and counting
-    copies a slow listener cannot take."""
+    copies a slow listener cannot take. With ``credentials``, ``tcp://`` binds (data and tap)
+    are CURVE servers (``ctx`` must be opened with the same credentials)."""
     if window < 1:
         raise ValueError("window must be >= 1")
     async with contextlib.AsyncExitStack() as stack:
@@ -494,6 +498,7 @@ async def open_inbox(
                     zmq.RCVHWM: 0,
                     zmq.SNDHWM: 0,
                 },
+                credentials=credentials,
             )
         )
         endpoints = [bound_endpoint(sock)]
@@ -511,6 +516,7 @@ async def open_inbox(
                     zmq.XPUB,
                     bind=tap,
                     options={zmq.SNDHWM: 64, zmq.XPUB_NODROP: 1},
+                    credentials=credentials,
                 )
             )
         inbox = Inbox(Channel(sock, name, routed=True), host, window, endpoints, tap_sock)
@@ -572,8 +578,10 @@ class Outbox:
         pool: SlabPool | None,
         policy: Policy,
         queue: int,
+        credentials: Credentials | None = None,
     ) -> None:
         self._ctx = ctx
+        self._credentials = credentials
         self._stack = stack
         self.name = name
         self.host = host_identity(host)
@@ -605,6 +613,7 @@ class Outbox:
                 zmq.DEALER,
                 connect=[endpoint],
                 options={zmq.SNDHWM: 0, zmq.RCVHWM: 0, zmq.MAXMSGSIZE: DATA_MAX_FRAME},
+                credentials=self._credentials,
             )
         )
         sock.copy_threshold = COPY_THRESHOLD
@@ -886,6 +895,7 @@ async def open_outbox(
     slabs: int = 16,
     policy: Policy = "block",
     queue: int = 16,
+    credentials: Credentials | None = None,
 ) -> AsyncIterator[Outbox]:
     """An outbox. With ``slab_size > 0`` it owns a pool of ``slabs`` shared-memory slabs of that
     many bytes (segment named after ``run`` and ``name``) used for same-host inboxes; without,
@@ -898,7 +908,16 @@ async def open_outbox(
                     run or "run", _shm_safe(name), "outbox", slab_count=slabs, slab_size=slab_size
                 )
             )
-        outbox = Outbox(ctx, stack, name=name, host=host, pool=pool, policy=policy, queue=queue)
+        outbox = Outbox(
+            ctx,
+            stack,
+            name=name,
+            host=host,
+            pool=pool,
+            policy=policy,
+            queue=queue,
+            credentials=credentials,
+        )
         try:
             yield outbox
         finally:

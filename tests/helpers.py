@@ -100,12 +100,12 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
     return proc.returncode
 
 
-def hub_status(endpoint: str, timeout: float = 5.0) -> Any:
+def hub_status(endpoint: str, timeout: float = 5.0, credentials: Any = None) -> Any:
     """The control hub's Status, asked for over a real socket (an observer connection)."""
     from dvla_bus.control import open_control_client
 
     async def ask() -> Any:
-        async with open_control_client(endpoint) as client:
+        async with open_control_client(endpoint, credentials=credentials) as client:
             return await client.query(timeout=timeout)
 
     return asyncio.run(ask())
@@ -126,14 +126,18 @@ def hub_send(endpoint: str, msg: Any) -> None:
 
 
 def wait_status(
-    endpoint: str, predicate: Callable[[Any], object], timeout: float = 15.0, what: str = "state"
+    endpoint: str,
+    predicate: Callable[[Any], object],
+    timeout: float = 15.0,
+    what: str = "state",
+    credentials: Any = None,
 ) -> Any:
     """Poll the hub until ``predicate(status)`` holds; returns that status."""
     box: list[Any] = []
 
     def check() -> bool:
         try:
-            st = hub_status(endpoint, timeout=2.0)
+            st = hub_status(endpoint, timeout=2.0, credentials=credentials)
         except TimeoutError:
             return False
         if predicate(st):

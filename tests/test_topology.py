@@ -544,13 +544,17 @@ def test_readme_examples_are_valid() -> None:
     """The schema reference in topologies/README.md parses (docs do not rot)."""
     text = (REPO / "topologies" / "README.md").read_text()
     blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     full = parse_topology(tomllib.loads(blocks[0]), "README.md", known_roles())
     assert full.links.host_latency_s == 50e-6
     head = 'schema = 1\nname = "x"\n[control]\nendpoint = "tcp://a:1"\n'
     head += '[[hosts]]\nname = "root"\nrack = "r1"\nroles = { coordinator = 1 }\n'
     templated = parse_topology(tomllib.loads(head + blocks[1]), "README.md", known_roles())
     assert len(templated.hosts) == 1 + 63 * 64
+    one_host = 'schema = 1\nname = "x"\n[[hosts]]\nname = "h"\nroles = { coordinator = 1 }\n'
+    secured = parse_topology(tomllib.loads(one_host + blocks[2]), "README.md", known_roles())
+    assert secured.security.keys is not None
+    assert secured.security.keys.endswith("keys/prod")
 
 
 def test_large_toml_is_what_new_compact_writes(capsys: pytest.CaptureFixture[str]) -> None:

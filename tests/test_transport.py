@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 
 from dvla_bus.errors import DeadlineExceeded
 from dvla_bus.sockets import open_context
@@ -186,13 +187,23 @@ async def test_a_restarted_inbox_resets_the_sender(short_tmp: Path) -> None:
             await outbox.wait_ready()
             await outbox.send({"i": 0}, {"x": np.zeros(8)})
             await first.recv(timeout=5)  # never released: the inbox dies holding it
-        async with open_inbox(ctx, name="in", host="a", bind=[endpoint], window=2) as second:
-            # The outbox still believes it has one credit: the new inbox refuses and resets it.
-            await outbox.send({"i": 1}, {"x": np.zeros(8)}, timeout=5)
-            await _until(lambda: outbox.statistics().dropped.get("lost_in_flight", 0) >= 1)
-            await outbox.wait_ready()
-            await outbox.send({"i": 2}, {"x": np.zeros(8)}, timeout=5)
-            d = await second.recv(timeout=5)
-            assert d.meta["i"] == 2
-            d.release()
-            assert second.statistics().dropped["no_hello"] >= 1
+        # Watch the outbox's connection so the next send goes to the new inbox, not into the
+        # dying pipe of the old one (ZeroMQ loses messages sent into a pipe being torn down;
+        # in a job the hub's "replaced"/NodeDead announcement makes the sender reset).
+        monitor = outbox._peers[0].channel.sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+        try:
+            async with open_inbox(ctx, name="in", host="a", bind=[endpoint], window=2) as second:
+                assert await monitor.poll(5000)
+                await monitor.recv_multipart()
+                # The outbox still believes it has one credit: the new inbox refuses, resets it.
+                await outbox.send({"i": 1}, {"x": np.zeros(8)}, timeout=5)
+                await _until(lambda: outbox.statistics().dropped.get("lost_in_flight", 0) >= 1)
+                await outbox.wait_ready()
+                await outbox.send({"i": 2}, {"x": np.zeros(8)}, timeout=5)
+                d = await second.recv(timeout=5)
+                assert d.meta["i"] == 2
+                d.release()
+                assert second.statistics().dropped["no_hello"] >= 1
+        finally:
+            outbox._peers[0].channel.sock.disable_monitor()
+            monitor.close(linger=0)

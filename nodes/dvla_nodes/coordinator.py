@@ -29,6 +29,7 @@ class Coordinator(Node):
                     endpoint=cfg.control_endpoint,
                     heartbeat_interval=cfg.heartbeat_interval,
                     heartbeat_timeout=cfg.heartbeat_timeout,
+                    credentials=cfg.control_credentials,
                 ),
                 name=f"hub@{cfg.node_id}",
             )

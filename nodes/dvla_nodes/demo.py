@@ -36,7 +36,9 @@ class Producer(Node):
     async def setup(self) -> None:
         cfg = self.config
         side = int(cfg.settings.get("image_px", 64))
-        ctx = await self.resources.enter_async_context(open_context())
+        ctx = await self.resources.enter_async_context(
+            open_context(credentials=cfg.data_credentials)
+        )
         policy = str(cfg.settings.get("policy", "drop_oldest"))
         self.outbox = await self.resources.enter_async_context(
             open_outbox(
@@ -48,6 +50,7 @@ class Producer(Node):
                 slabs=int(cfg.settings.get("slabs", 32)),
                 policy="block" if policy == "block" else "drop_oldest",
                 queue=int(cfg.settings.get("queue", 8)),
+                credentials=cfg.data_credentials,
             )
         )
         self.meters.append(self.outbox.counters)
@@ -106,7 +109,9 @@ class Consumer(Node):
 
     async def setup(self) -> None:
         cfg = self.config
-        ctx = await self.resources.enter_async_context(open_context())
+        ctx = await self.resources.enter_async_context(
+            open_context(credentials=cfg.data_credentials)
+        )
         if cfg.control_endpoint.startswith("ipc://"):
             bind = f"ipc://{cfg.run_dir}/data-{cfg.node_id}.sock"
             tap = f"ipc://{cfg.run_dir}/tap-{cfg.node_id}.sock"
@@ -120,6 +125,7 @@ class Consumer(Node):
                 bind=[bind],
                 window=int(cfg.settings.get("window", 8)),
                 tap=tap,
+                credentials=cfg.data_credentials,
             )
         )
         self.endpoints["data"] = self.inbox.endpoint

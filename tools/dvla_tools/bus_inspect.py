@@ -38,10 +38,11 @@ from dvla_bus.transport import open_outbox
 __all__ = ["add_inspect_commands"]
 
 
-def add_inspect_commands(verbs: Any, hub_args: Any, hub_endpoint: Any) -> None:
+def add_inspect_commands(verbs: Any, hub_args: Any, hub_endpoint: Any, credentials: Any) -> None:
     """Add the live verbs to ``verbs`` (the subparsers of ``dvla bus``)."""
-    global _hub_endpoint
+    global _hub_endpoint, _credentials
     _hub_endpoint = hub_endpoint
+    _credentials = credentials
 
     echo = verbs.add_parser("echo", help="print messages on a topic (headers + array summaries)")
     hub_args(echo)
@@ -104,6 +105,7 @@ def add_inspect_commands(verbs: Any, hub_args: Any, hub_endpoint: Any) -> None:
 
 
 _hub_endpoint: Any = None
+_credentials: Any = None
 
 
 def _stop_after(args: argparse.Namespace) -> float | None:
@@ -114,7 +116,9 @@ async def _tap_loop(args: argparse.Namespace, topics: list[str], handle: Any) ->
     """Feed tap messages to ``handle`` until --count / --duration / Ctrl-C."""
     deadline = _stop_after(args)
     seen = 0
-    async with open_tap(_hub_endpoint(args), topics, timeout=args.timeout) as tap:
+    async with open_tap(
+        _hub_endpoint(args), topics, timeout=args.timeout, credentials=_credentials(args)
+    ) as tap:
         while args.count is None or seen < args.count:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -251,7 +255,7 @@ def _rate(args: argparse.Namespace) -> int:
 
 
 async def _status(args: argparse.Namespace) -> wire.Status:
-    async with open_control_client(_hub_endpoint(args)) as client:
+    async with open_control_client(_hub_endpoint(args), credentials=_credentials(args)) as client:
         return await client.query(timeout=args.timeout)
 
 
@@ -392,7 +396,9 @@ async def _top_live(args: argparse.Namespace) -> None:
     tty.setcbreak(fd)
     loop.add_reader(fd, on_key)
     try:
-        async with open_control_client(_hub_endpoint(args)) as client:
+        async with open_control_client(
+            _hub_endpoint(args), credentials=_credentials(args)
+        ) as client:
             with Live(refresh_per_second=2, screen=True) as live:
                 while not quit_.is_set():
                     status = await client.query(timeout=args.timeout)
@@ -435,9 +441,10 @@ async def _replay_main(args: argparse.Namespace) -> None:
         raise ConfigError(f"no data inbox to replay into (--to {args.to!r})")
     reader = BagReader(bag_files(args.recording))
     sent = 0
+    creds = _credentials(args)
     async with (
-        open_context() as ctx,
-        open_outbox(ctx, name="replay", host="replay", policy="block") as out,
+        open_context(credentials=creds) as ctx,
+        open_outbox(ctx, name="replay", host="replay", policy="block", credentials=creds) as out,
     ):
         for endpoint in targets:
             await out.connect(endpoint)
@@ -467,7 +474,7 @@ def _trace(args: argparse.Namespace) -> int:
 
 async def _trace_main(args: argparse.Namespace) -> None:
     tag = f"{time.time():.6f}"
-    async with open_control_client(_hub_endpoint(args)) as client:
+    async with open_control_client(_hub_endpoint(args), credentials=_credentials(args)) as client:
         status = await client.query(timeout=args.timeout)
         live = [m for m in status.members if m.state != "dead"]
         await client.send(wire.Command(command="trace", args={"tag": tag}))

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from dvla_bus import wire
 from dvla_bus.control import open_control_client
 from dvla_bus.errors import ConfigError
 from dvla_bus.reaper import reap
+from dvla_bus.security import Credentials, load_credentials
 from dvla_tools.bag_cli import add_bag_commands
 from dvla_tools.bus_inspect import add_inspect_commands
 
@@ -39,11 +41,15 @@ def register(sub: Any, name: str, help_text: str) -> None:
     reap_p.set_defaults(func=_reap)
 
     add_bag_commands(verbs)
-    add_inspect_commands(verbs, _hub_args, hub_endpoint)
+    add_inspect_commands(verbs, _hub_args, hub_endpoint, tool_credentials)
 
 
 def _hub_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", help="control hub endpoint")
+    parser.add_argument("--keys", help="key directory of a CURVE deployment (or $DVLA_KEYS)")
+    parser.add_argument(
+        "--key-name", help="which client pair in --keys to present (default: this host's name)"
+    )
     parser.add_argument("--run-dir", type=Path, help="run directory (default: newest in runs/)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the hub")
 
@@ -67,8 +73,20 @@ def hub_endpoint(args: argparse.Namespace) -> str:
     return str(endpoint)
 
 
-async def query(endpoint: str, timeout: float) -> wire.Status:
-    async with open_control_client(endpoint) as client:
+def tool_credentials(args: argparse.Namespace) -> Credentials | None:
+    """The credentials a tool presents: ``--keys`` / ``$DVLA_KEYS`` with ``--key-name`` (or
+    this machine's short host name)."""
+    keys = getattr(args, "keys", None) or os.environ.get("DVLA_KEYS")
+    if not keys:
+        return None
+    name = getattr(args, "key_name", None) or socket.gethostname().split(".")[0]
+    return load_credentials(keys, name)
+
+
+async def query(
+    endpoint: str, timeout: float, credentials: Credentials | None = None
+) -> wire.Status:
+    async with open_control_client(endpoint, credentials=credentials) as client:
         return await client.query(timeout=timeout)
 
 
@@ -88,7 +106,7 @@ def topics(status: wire.Status) -> dict[str, dict[str, list[str]]]:
 
 
 def _list(args: argparse.Namespace) -> int:
-    status = asyncio.run(query(hub_endpoint(args), args.timeout))
+    status = asyncio.run(query(hub_endpoint(args), args.timeout, tool_credentials(args)))
     if args.json:
         doc = msgspec.to_builtins(status)
         doc["topics"] = topics(status)

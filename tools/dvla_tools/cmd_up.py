@@ -28,6 +28,7 @@ from dvla_bus.control import ControlClient, open_control_client
 from dvla_bus.deploy import (
     child_specs,
     control_endpoint,
+    credentials,
     local_host,
     make_run_dir,
     write_run_config,
@@ -133,7 +134,10 @@ async def _main(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     box: list[wire.Status | None] = [None]
-    async with open_control_client(control_endpoint(topology, run_dir)) as client:
+    control_creds, _ = credentials(topology, host)
+    async with open_control_client(
+        control_endpoint(topology, run_dir), credentials=control_creds
+    ) as client:
         poller = asyncio.create_task(_poll_hub(client, box))
         sup_task = asyncio.create_task(supervisor.run(stop))
         try:

@@ -20,9 +20,11 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   echo "bootstrap: installing $spec"
   "$VENV/bin/python" -m pip install --quiet "$spec"
 fi
-# Reinstall only when the packaging metadata changed since the last install.
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "bootstrap: installing dvla (editable, with dev extras)"
-  "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
-  touch "$stamp"
+# Extras to install (DVLA_EXTRAS, default "dev"; CI adds "ray" for the Ray launcher test).
+extras="${DVLA_EXTRAS:-dev}"
+# Reinstall only when the packaging metadata or the extras changed since the last install.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ]; then
+  echo "bootstrap: installing dvla (editable, extras: $extras)"
+  "$VENV/bin/python" -m pip install --quiet -e ".[$extras]"
+  echo "$extras" > "$stamp"
 fi

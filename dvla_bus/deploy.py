@@ -119,6 +119,8 @@ def node_config(
         topology_name=topology.name,
         control_credentials=control_creds,
         data_credentials=data_creds,
+        watchdog_s=float(topology.settings(placement.role).get("watchdog_s", 60.0)),
+        watchdog_action=str(topology.settings(placement.role).get("watchdog_action", "restart")),
     )
 
 

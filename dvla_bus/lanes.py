@@ -45,6 +45,9 @@ class Lanes:
         self._count = 0
         self._busy: dict[str, float] = {}
         self._t0 = time.time()
+        # Lanes inside a busy interval right now -> when it began (read by the watchdog thread;
+        # single dict operations are atomic under the GIL).
+        self.open: dict[str, float] = {}
 
     def record(self, lane: str, start: float, end: float) -> None:
         i = self._next
@@ -56,10 +59,17 @@ class Lanes:
     @contextlib.contextmanager
     def busy(self, lane: str) -> Iterator[None]:
         start = time.time()
+        self.open[lane] = start
         try:
             yield
         finally:
+            self.open.pop(lane, None)
             self.record(lane, start, time.time())
+
+    def stuck(self, limit: float, now: float | None = None) -> list[tuple[str, float]]:
+        """Lanes busy without a break for more than ``limit`` seconds: (lane, seconds)."""
+        t = time.time() if now is None else now
+        return [(lane, t - since) for lane, since in list(self.open.items()) if t - since > limit]
 
     def statistics(self) -> LaneStats:
         return LaneStats(wall=time.time() - self._t0, busy=dict(self._busy))

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,7 @@ from dvla_bus import wire
 from dvla_bus.control import ControlClient, JoinInfo, open_control_client
 from dvla_bus.lanes import Lanes
 from dvla_bus.security import Credentials
+from dvla_bus.watchdog import Watchdog, dump_stacks
 
 __all__ = ["Node", "NodeConfig", "run_node", "set_parent_death_signal"]
 
@@ -59,6 +61,9 @@ class NodeConfig:
     # [data] encrypt (None: that plane is plain, on one host or in trusted-network mode).
     control_credentials: Credentials | None = None
     data_credentials: Credentials | None = None
+    # Hang detection (dvla_bus.watchdog): seconds without progress before acting; 0 = off.
+    watchdog_s: float = 60.0
+    watchdog_action: str = "restart"
 
     @property
     def node_id(self) -> str:
@@ -178,6 +183,8 @@ class Node:
                 self.on_checkpoint(msg)
             case wire.Command(command="trace"):
                 self._write_trace(str(msg.args.get("tag", "")))
+            case wire.Command(command="dump"):
+                dump_stacks(self.config.run_dir, self.config.node_id, str(msg.args.get("reason")))
             case wire.VersionAnnounce():
                 self.on_version(msg)
             case wire.Members():
@@ -237,6 +244,21 @@ async def _serve(node: Node, parent: int | None) -> int:
                 ) as control:
                     node._control = control
                     control.update(state="running")
+                    if cfg.watchdog_s > 0:
+                        watchdog = Watchdog(
+                            cfg.node_id,
+                            cfg.run_dir,
+                            node.lanes,
+                            limit=cfg.watchdog_s,
+                            action="dump" if cfg.watchdog_action == "dump" else "restart",
+                            control_endpoint=cfg.control_endpoint,
+                            credentials=cfg.control_credentials,
+                        )
+                        watchdog.start()
+                        node.resources.callback(watchdog.stop)
+                        node.resources.push_async_callback(
+                            _cancel, asyncio.create_task(_beat(watchdog))
+                        )
                     run_task = asyncio.create_task(node.run(), name=f"{cfg.node_id}.run")
                     stop_task = asyncio.create_task(node._stop_requested.wait())
                     watchers: list[asyncio.Task[object]] = [stop_task]
@@ -265,6 +287,19 @@ async def _serve(node: Node, parent: int | None) -> int:
 
 
 _guard_armed = False
+
+
+async def _beat(watchdog: Watchdog) -> None:
+    """Stamp the event loop's liveness for the watchdog thread."""
+    period = max(0.02, min(0.5, watchdog.limit / 8))
+    while True:
+        watchdog.loop_beat = time.monotonic()
+        await asyncio.sleep(period)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _arm_hang_guard(grace: float) -> None:

@@ -105,7 +105,7 @@ Frame: TypeAlias = bytes | memoryview
 """A payload frame as we send it (bytes or a buffer over an array, sent without a copy)."""
 
 Scalar: TypeAlias = str | int | float | bool
-CommandName: TypeAlias = Literal["pause", "resume", "checkpoint", "stop", "trace"]
+CommandName: TypeAlias = Literal["pause", "resume", "checkpoint", "stop", "trace", "dump"]
 NodeState: TypeAlias = Literal["starting", "running", "paused", "stopping"]
 
 

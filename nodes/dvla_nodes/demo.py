@@ -137,6 +137,9 @@ class Consumer(Node):
         self.set_weight_version(announce.version)
 
     async def run(self) -> None:
+        # Fault injection for hang-detection tests and drills: after this many messages the
+        # consumer blocks its event loop inside the "consume" lane (0: never).
+        stall_after = int(self.config.settings.get("stall_after_messages", 0))
         last_step: dict[str, int] = {}
         received = gaps = stale = bad = 0
         window_start = time.monotonic()
@@ -157,6 +160,9 @@ class Consumer(Node):
                 if proprio is None or float(proprio[0]) != step or not got.intact():
                     bad += 1
                 received += 1
+                if stall_after and received == stall_after:
+                    self.log.warning("stall_after_messages=%d reached: blocking", stall_after)
+                    time.sleep(3600)  # noqa: ASYNC251 - deliberately blocks: the watchdog must act
                 window_msgs += 1
                 window_bytes += got.nbytes
                 latency = 0.9 * latency + 0.1 * (time.time() - got.msg.ts)

@@ -444,9 +444,10 @@ def decode(frames: Sequence[Any]) -> Received:
         topic = bytes(topic_buf).decode()
     except UnicodeDecodeError as exc:
         raise WireError("topic", f"topic is not UTF-8: {exc}") from None
-    header = bytes(_buffer(frames[1]))
-    if len(header) > MAX_HEADER_BYTES:
-        raise WireError("oversized", f"header of {len(header)} bytes > {MAX_HEADER_BYTES}")
+    header_buf = _buffer(frames[1])
+    if header_buf.nbytes > MAX_HEADER_BYTES:  # checked before copying a hostile frame
+        raise WireError("oversized", f"header of {header_buf.nbytes} bytes > {MAX_HEADER_BYTES}")
+    header = bytes(header_buf)
     try:
         msg = _decoder.decode(header)
     except msgspec.ValidationError as exc:

@@ -18,6 +18,7 @@ BENCHES: tuple[tuple[str, str], ...] = (
     ("pipeline", "the distributed training pipeline: lane utilisation and overlap"),
     ("envs", "environment steps/s bare and through dvla"),
     ("chaos", "training while nodes are killed"),
+    ("fuzz", "hostile messages at every endpoint of a live deployment"),
 )
 
 

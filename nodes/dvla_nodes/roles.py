@@ -17,6 +17,8 @@ ROLES: Final[dict[str, str]] = {
     "coordinator": "dvla_nodes.coordinator:Coordinator",
     "producer": "dvla_nodes.demo:Producer",
     "consumer": "dvla_nodes.demo:Consumer",
+    "relay": "dvla_nodes.relay:Relay",
+    "publisher": "dvla_nodes.publisher:Publisher",
 }
 
 

@@ -8,6 +8,9 @@ except memcpy):
 * ``dvla-shm`` — dvla's same-host path: the outbox copies the array into a shared-memory slab,
   the inbox hands the receiver a zero-copy view, credits flow back (window: 32 MiB in flight,
   8 to 1024 messages).
+* ``dvla-shm-tap-idle`` / ``dvla-shm-tap-listened`` — the same with the inbox's inspection tap
+  bound and nobody listening / a listener (a thread of the receiver process) subscribed to
+  everything: the cost of ``dvla bus echo`` being possible, and of it running.
 * ``dvla-tcp`` — dvla's cross-host path over loopback TCP (zero-copy frames from 64 KiB).
 * ``zmq-{ipc,tcp}-{copy,zerocopy}`` — raw pyzmq PUSH/PULL, ``copy=True`` / ``copy=False``.
 * ``mp-queue`` — ``multiprocessing.Queue`` of numpy arrays (pickled).
@@ -25,6 +28,7 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -38,6 +42,8 @@ SIZES: Final = (64, 4 << 10, 64 << 10, 1 << 20, 16 << 20)
 CASES: Final = (
     "memcpy",
     "dvla-shm",
+    "dvla-shm-tap-idle",
+    "dvla-shm-tap-listened",
     "dvla-tcp",
     "zmq-ipc-copy",
     "zmq-ipc-zerocopy",
@@ -143,11 +149,23 @@ async def _recv_dvla(
     from dvla_bus.transport import open_inbox
 
     tmp = tempfile.mkdtemp(prefix="dvla-b-")
-    bind = f"ipc://{tmp}/in" if case == "dvla-shm" else "tcp://127.0.0.1:0"
+    bind = f"ipc://{tmp}/in" if case.startswith("dvla-shm") else "tcp://127.0.0.1:0"
+    tap = f"ipc://{tmp}/tap" if "-tap-" in case else None
+    stop = threading.Event()
+    listener: threading.Thread | None = None
     async with (
         open_context() as ctx,
-        open_inbox(ctx, name="bench-rx", host="rx", bind=[bind], window=window_for(size)) as inbox,
+        open_inbox(
+            ctx, name="bench-rx", host="rx", bind=[bind], window=window_for(size), tap=tap
+        ) as inbox,
     ):
+        if case.endswith("-listened"):
+            listener = threading.Thread(target=_listen, args=(inbox.tap_endpoint, stop))
+            listener.start()
+            # Only time with the subscription in place.
+            deadline = time.monotonic() + 10
+            while inbox.counters()["rx.tap_topics"] == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
         conn.send(inbox.endpoint)
         for _ in range(WARMUP + count):
             with await inbox.recv(timeout=60) as d:
@@ -155,7 +173,27 @@ async def _recv_dvla(
         conn.send("done")
         # Let the last credits leave before the socket closes.
         await asyncio.sleep(0.05)
+        stop.set()
+        if listener is not None:
+            listener.join(10)
+    for leftover in os.listdir(tmp):
+        os.unlink(os.path.join(tmp, leftover))
     os.rmdir(tmp)
+
+
+def _listen(endpoint: str, stop: threading.Event) -> None:
+    """A tap listener like ``dvla bus echo``: subscribes to everything and reads each copy."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.SUB)
+    sock.linger = 0
+    sock.subscribe(b"")
+    sock.connect(endpoint)
+    while not stop.is_set():
+        if sock.poll(50):
+            frames = sock.recv_multipart(copy=False)
+            _touch(np.frombuffer(frames[-1].buffer, dtype=np.uint8))
+    sock.close()
+    ctx.term()
 
 
 # --- senders (this process) ------------------------------------------------------------------
@@ -195,7 +233,7 @@ async def _send_dvla(
         open_outbox(
             ctx,
             name="bench-tx",
-            host="rx" if case == "dvla-shm" else "tx",
+            host="rx" if case.startswith("dvla-shm") else "tx",
             run=f"bench{os.getpid()}",
             slab_size=max(payload.nbytes, 4096) + 4096,
             slabs=window_for(payload.nbytes) + 8,
@@ -266,8 +304,13 @@ def run_case(case: str, sizes: tuple[int, ...], quick: bool) -> list[dict[str, A
                 elapsed = time.perf_counter() - t0
             else:
                 elapsed = asyncio.run(_send_dvla(case, endpoint, payload, n, done))
-            transport = {"dvla-shm": "shm+ipc", "dvla-tcp": "tcp", "mp-queue": "pipe"}.get(
-                case, case.split("-")[1] if case.startswith("zmq-") else case
+            transport = {"dvla-tcp": "tcp", "mp-queue": "pipe"}.get(
+                case,
+                "shm+ipc"
+                if case.startswith("dvla-shm")
+                else case.split("-")[1]
+                if case.startswith("zmq-")
+                else case,
             )
             results.append(_result(case, transport, size, n, elapsed))
         here.send(None)
@@ -324,6 +367,10 @@ def ratios(cases: list[dict[str, Any]]) -> dict[str, float | None]:
         "tcp_64B_rate_vs_zmq_tcp_copy": ratio(
             get("dvla-tcp", 64, "msgs_per_s"), get("zmq-tcp-copy", 64, "msgs_per_s")
         ),
+        "tap_idle_vs_no_tap_64KiB": ratio(
+            get("dvla-shm-tap-idle", 64 << 10), get("dvla-shm", 64 << 10)
+        ),
+        "tap_idle_vs_no_tap_16MiB": ratio(get("dvla-shm-tap-idle", big), get("dvla-shm", big)),
     }
 
 
@@ -333,6 +380,9 @@ TARGETS: Final = {
     "tcp_16MiB_vs_zmq_tcp_copy": 1.5,
     "shm_64B_rate_vs_zmq_ipc_copy": 0.5,
     "tcp_64B_rate_vs_zmq_tcp_copy": 0.5,
+    # "No listener = no measurable cost": within run-to-run noise (MEASURED.md: +-30 %).
+    "tap_idle_vs_no_tap_64KiB": 0.9,
+    "tap_idle_vs_no_tap_16MiB": 0.9,
 }
 
 

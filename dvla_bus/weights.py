@@ -643,9 +643,12 @@ class WeightPool(_Base):
         assert pins is not None
         assert pids is not None
         out = []
-        for i in np.flatnonzero(pins).tolist():
+        # Readers in other processes change the pin words while we look: scan a private
+        # snapshot (numpy refuses to count non-zeros in memory that changes under it).
+        snapshot = pins.copy()
+        for i in np.flatnonzero(snapshot).tolist():
             word = int(pins[i])
-            if word & 1 != slot:
+            if word == 0 or word & 1 != slot:
                 continue
             # Our own lock never conflicts with us, so our own pin is not probed.
             if i != self._pin_index and _ofd_lock(

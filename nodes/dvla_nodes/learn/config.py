@@ -1,0 +1,107 @@
+"""Every knob of a training run, in one frozen dataclass, saved with each checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from dvla_bus.errors import ConfigError
+from dvla_nodes.envs.tasks import TASK_NAMES
+
+EVAL_SEED_BASE = 1_000_000  # held-out evaluation seeds start here; training seeds stay below
+DEMO_SEED_BASE = 500_000
+
+
+@dataclass(frozen=True, slots=True)
+class TrainConfig:
+    name: str = "train"
+    seed: int = 0
+    tasks: tuple[str, ...] = TASK_NAMES
+    image_size: int = 64
+    policy_size: str = "tiny"
+    policy_stem: str = "patch"
+    bins: int = 256
+    torch_threads: int = 2
+    # Environment processes (0 = step environments in this process). Each holds an equal share.
+    env_workers: int = 2
+
+    # Behaviour-cloning warm start
+    demos_per_task: int = 100
+    demo_noise: float = 0.1  # std of Gaussian noise on executed expert actions (DART)
+    bc_epochs: int = 30
+    bc_batch: int = 128
+    bc_lr: float = 1e-3
+    # Gaussian label smoothing over neighbouring bins (in bins): also sets how widely the cloned
+    # policy explores (a near-deterministic warm start gives GRPO groups with equal outcomes).
+    bc_label_sigma: float = 12.0
+    # Object-position auxiliary loss (privileged simulator state supervises the vision encoder;
+    # the policy never sees it): while cloning, and during GRPO.
+    bc_aux_coef: float = 20.0
+    rl_aux_coef: float = 5.0
+
+    # GRPO
+    group_size: int = 8
+    groups_per_iter: int = 8
+    lr: float = 3e-4
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    epochs: int = 1
+    minibatch: int = 512
+    entropy_coef: float = 0.0
+    temperature: float = 1.0
+    success_reward: float = 1.0
+    shaping_coef: float = 2.0  # weight of (potential_end - potential_start) in metres
+    equal_tol: float = 1e-3  # a group whose rewards span less than this is skipped
+    adv_std_norm: bool = True
+    max_version_lag: int = 1
+    max_grad_norm: float = 1.0
+    # Task sampling weight: sqrt(p (1 - p)) + task_floor, p = recent sampled success. A group
+    # carries signal when its outcomes differ, most often at p = 1/2; the floor keeps tasks at
+    # 0 % or 100 % in the mix (shaping still ranks their episodes).
+    task_floor: float = 0.15
+    lr_warmup: int = 20  # iterations of linear learning-rate warm-up (fresh Adam moments)
+
+    # Budget and evaluation
+    iterations: int = 1_000_000
+    minutes: float = 30.0  # wall-clock budget for the whole run, warm start included
+    eval_every: int = 10  # iterations between quick evaluations
+    eval_seeds: int = 10  # per task, quick evaluation
+    final_eval_seeds: int = 100  # per task, held-out
+    eval_greedy: bool = True
+    checkpoint_every: int = 25
+    display: bool = True
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.tasks if t not in TASK_NAMES]
+        if bad:
+            raise ConfigError(f"tasks {bad}: unknown; the suite has {', '.join(TASK_NAMES)}")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size={self.group_size}: GRPO needs at least 2 per group")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature}: must be > 0")
+        if self.bins < 2:
+            raise ConfigError(f"bins={self.bins}: need at least 2")
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["tasks"] = list(self.tasks)
+        return out
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_json(obj: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = set(obj) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}")
+        kw = dict(obj)
+        if "tasks" in kw:
+            kw["tasks"] = tuple(kw["tasks"])
+        return TrainConfig(**kw)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)

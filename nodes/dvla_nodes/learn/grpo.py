@@ -1,0 +1,116 @@
+"""GRPO: group-relative advantages and the PPO-style clipped objective on action-token
+log-probabilities, with no value network.
+
+A *group* is G episodes of one task instance (task + seed) sampled with one policy version. Each
+episode's reward is normalised within its group; groups whose rewards are all equal carry no
+signal and are skipped (and counted). Every step of an episode shares its advantage; the loss is
+the mean over action tokens of ``-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` with
+``r = exp(logp_new - logp_behaviour)`` per token (asymmetric clip as in DAPO).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Advantages:
+    advantage: np.ndarray  # float32 (E,)
+    keep: np.ndarray  # bool (E,) episodes in groups with signal
+    groups: int
+    skipped_groups: int
+
+
+def group_advantages(
+    rewards: np.ndarray,
+    groups: np.ndarray,
+    *,
+    equal_tol: float = 1e-6,
+    std_norm: bool = True,
+    eps: float = 1e-6,
+) -> Advantages:
+    """Per-episode advantages ``(r - mean_g) / (std_g + eps)`` (or without the division when
+    ``std_norm`` is false); groups whose rewards span less than ``equal_tol`` get advantage 0 and
+    ``keep`` false."""
+    rewards = np.asarray(rewards, np.float64)
+    groups = np.asarray(groups)
+    adv = np.zeros(len(rewards), np.float64)
+    keep = np.zeros(len(rewards), bool)
+    ids = np.unique(groups)
+    skipped = 0
+    for g in ids:
+        sel = groups == g
+        r = rewards[sel]
+        if r.max() - r.min() < equal_tol:
+            skipped += 1
+            continue
+        a = r - r.mean()
+        if std_norm:
+            a = a / (r.std() + eps)
+        adv[sel] = a
+        keep[sel] = True
+    return Advantages(adv.astype(np.float32), keep, len(ids), skipped)
+
+
+@dataclass(frozen=True, slots=True)
+class LossParts:
+    loss: torch.Tensor
+    policy_loss: float
+    clip_fraction: float
+    approx_kl: float
+    entropy: float
+
+
+def clipped_objective(
+    logp_new: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantage: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token surrogate loss (T, A) and the clipped mask, for token log-probs (T, A) and
+    per-step advantages (T,)."""
+    ratio = torch.exp(logp_new - logp_old)
+    adv = advantage[:, None]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    was_clipped = (unclipped != torch.minimum(unclipped, clipped)) & (clipped != unclipped)
+    return loss, was_clipped
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    logp_old: torch.Tensor,
+    advantage: torch.Tensor,
+    *,
+    temperature: float,
+    clip_low: float,
+    clip_high: float,
+    entropy_coef: float = 0.0,
+) -> LossParts:
+    """The GRPO loss for logits (T, A, bins), taken tokens (T, A), behaviour log-probs (T, A)
+    and per-step advantages (T,): token-mean clipped surrogate minus an entropy bonus."""
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    logp_new = logp_all.gather(-1, tokens[..., None])[..., 0]
+    per_token, was_clipped = clipped_objective(
+        logp_new, logp_old, advantage, clip_low=clip_low, clip_high=clip_high
+    )
+    policy_loss = per_token.mean()
+    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
+    loss = policy_loss - entropy_coef * entropy
+    with torch.no_grad():
+        log_ratio = logp_new - logp_old
+        approx_kl = ((log_ratio.exp() - 1.0) - log_ratio).mean()
+    return LossParts(
+        loss=loss,
+        policy_loss=float(policy_loss.detach()),
+        clip_fraction=float(was_clipped.float().mean()),
+        approx_kl=float(approx_kl),
+        entropy=float(entropy.detach()),
+    )

@@ -1,0 +1,179 @@
+"""GRPO: advantages on hand-made groups, the clipped objective, staleness, and a short update
+that must raise the log-probability of the better episodes' actions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dvla_nodes.envs import VectorEnv
+from dvla_nodes.learn import (
+    Assignment,
+    Episodes,
+    Learner,
+    TrainConfig,
+    clipped_objective,
+    episode_rewards,
+    group_advantages,
+    grpo_loss,
+    run_episodes,
+)
+from dvla_nodes.policy import PolicyActor, build_policy
+
+
+def test_group_advantages_hand_made() -> None:
+    rewards = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 1.0])
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    adv = group_advantages(rewards, groups)
+    np.testing.assert_allclose(adv.advantage[:4], [1, -1, -1, 1], atol=1e-5)
+    np.testing.assert_allclose(adv.advantage[4:8], 0.0)
+    np.testing.assert_allclose(adv.advantage[8:], [1, -1], atol=1e-5)
+    assert adv.keep.tolist() == [True] * 4 + [False] * 4 + [True] * 2
+    assert (adv.groups, adv.skipped_groups) == (3, 1)
+    raw = group_advantages(rewards, groups, std_norm=False)
+    np.testing.assert_allclose(raw.advantage[:4], [0.5, -0.5, -0.5, 0.5])
+    np.testing.assert_allclose(raw.advantage[8:], [1.0, -1.0])
+    # within tolerance counts as equal
+    near = group_advantages(np.array([1.0, 1.0005]), np.array([7, 7]), equal_tol=1e-3)
+    assert near.skipped_groups == 1
+    assert not near.keep.any()
+
+
+def test_advantages_are_zero_mean_unit_std_per_group() -> None:
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=40)
+    groups = np.repeat(np.arange(5), 8)
+    adv = group_advantages(rewards, groups, eps=0.0)
+    for g in range(5):
+        a = adv.advantage[groups == g]
+        assert abs(a.mean()) < 1e-5
+        assert abs(a.std() - 1.0) < 1e-4
+
+
+def _grad(logp_old: float, logp_new: float, adv: float) -> float:
+    new = torch.tensor([[logp_new]], requires_grad=True)
+    loss, _ = clipped_objective(
+        new, torch.tensor([[logp_old]]), torch.tensor([adv]), clip_low=0.2, clip_high=0.28
+    )
+    loss.sum().backward()  # type: ignore[no-untyped-call]
+    assert new.grad is not None
+    return float(new.grad)
+
+
+def test_clipping_stops_the_gradient_only_on_the_trusted_side() -> None:
+    up, down = np.log(1.5), np.log(0.5)
+    # positive advantage: ratio above 1 + eps_high is clipped (no push further), below is not
+    assert _grad(0.0, up, +1.0) == 0.0
+    assert _grad(0.0, down, +1.0) < 0.0
+    # negative advantage: ratio below 1 - eps_low is clipped, above is not (pessimism)
+    assert _grad(0.0, down, -1.0) == 0.0
+    assert _grad(0.0, up, -1.0) > 0.0
+    # inside the trust region: gradient of -ratio * A = -A at ratio 1
+    assert _grad(-1.0, -1.0, 2.0) == pytest.approx(-2.0)
+    # asymmetric: 1.25 is inside [0.8, 1.28]
+    assert _grad(0.0, np.log(1.25), 1.0) != 0.0
+
+
+def test_grpo_loss_equals_manual_computation() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4, 8, requires_grad=True)
+    tokens = torch.randint(0, 8, (6, 4))
+    old = torch.log_softmax(torch.randn(6, 4, 8), -1).gather(-1, tokens[..., None])[..., 0]
+    adv = torch.tensor([1.0, -1.0, 0.5, 0.0, 2.0, -0.5])
+    parts = grpo_loss(logits, tokens, old, adv, temperature=1.0, clip_low=0.2, clip_high=0.2)
+    new = torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0]
+    ratio = (new - old).exp()
+    manual = -torch.minimum(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None]).mean()
+    torch.testing.assert_close(parts.loss, manual)
+    assert 0.0 <= parts.clip_fraction <= 1.0
+    assert parts.entropy > 0.0
+
+
+def _batch(cfg: TrainConfig) -> tuple[Learner, PolicyActor, Episodes]:
+    model, tok = build_policy(image_size=cfg.image_size, bins=cfg.bins, seed=cfg.seed)
+    learner = Learner(model, tok, cfg)
+    actor = PolicyActor(model, tok, cfg.temperature)
+    gen = torch.Generator().manual_seed(0)
+    assignments = [
+        Assignment("reach-red", 40 + g, g) for g in range(3) for _ in range(cfg.group_size)
+    ]
+    with VectorEnv(len(assignments), image_size=cfg.image_size) as env:
+        eps = run_episodes(
+            [env],
+            assignments,
+            lambda im, pr, ins: actor.act(im, pr, ins, generator=gen),
+            version=learner.version,
+            bins=cfg.bins,
+        )
+    return learner, actor, eps
+
+
+def _mean_logp(learner: Learner, eps: Episodes, rows: np.ndarray) -> float:
+    with torch.no_grad():
+        images, proprio, ids = learner._tensors(eps, rows)
+        logits = learner.model(images, proprio, ids)
+        lp = torch.log_softmax(logits / learner.cfg.temperature, -1)
+        return float(lp.gather(-1, torch.from_numpy(eps.tokens[rows])[..., None]).mean())
+
+
+def test_update_raises_log_prob_of_better_episodes_and_lowers_worse() -> None:
+    cfg = TrainConfig(
+        seed=3,
+        bins=32,
+        image_size=32,
+        group_size=4,
+        lr=1e-3,
+        epochs=4,
+        minibatch=4096,
+        shaping_coef=10.0,
+        torch_threads=1,
+    )
+    torch.set_num_threads(1)
+    learner, _, eps = _batch(cfg)
+    adv = group_advantages(episode_rewards(eps, cfg), eps.group).advantage
+    step_adv = adv[eps.episode]
+    good, bad = np.flatnonzero(step_adv > 0.5), np.flatnonzero(step_adv < -0.5)
+    assert len(good)
+    assert len(bad)
+    before = (_mean_logp(learner, eps, good), _mean_logp(learner, eps, bad))
+    stats = learner.update(eps)
+    after = (_mean_logp(learner, eps, good), _mean_logp(learner, eps, bad))
+    assert stats.version == 1
+    assert stats.steps == eps.num_steps
+    assert stats.skipped_groups == 0
+    assert after[0] > before[0] + 0.05
+    assert after[1] < before[1] - 0.05
+
+
+def test_stale_episodes_are_rejected_and_counted() -> None:
+    cfg = TrainConfig(
+        seed=0, bins=16, image_size=32, group_size=2, max_version_lag=1, torch_threads=1
+    )
+    torch.set_num_threads(1)
+    learner, _, eps = _batch(cfg)
+    learner.version = 5  # the batch was sampled with version 0
+    stats = learner.update(eps)
+    assert stats.stale_episodes == eps.num_episodes
+    assert stats.steps == 0
+    assert stats.version == 5  # nothing trained, no new version
+
+
+def test_behaviour_cloning_fits_the_demonstrations() -> None:
+    cfg = TrainConfig(
+        seed=1, bins=16, image_size=32, bc_batch=64, bc_lr=2e-3, bc_label_sigma=0.5, torch_threads=1
+    )
+    torch.set_num_threads(1)
+    model, tok = build_policy(image_size=32, bins=16, seed=1)
+    learner = Learner(model, tok, cfg)
+    with VectorEnv(4, image_size=32) as env:
+        demos = run_episodes(
+            [env], [Assignment("reach-red", 7 + i) for i in range(4)], None, bins=16
+        )
+    assert demos.success.all()
+    rows = np.arange(demos.num_steps)
+    before = _mean_logp(learner, demos, rows)
+    stats = learner.behaviour_clone(demos, epochs=15)
+    assert stats.epochs == 15
+    assert learner.version == 1
+    assert _mean_logp(learner, demos, rows) > before + 0.5

@@ -260,13 +260,21 @@ def sbatch_script(
         "trap stop_all TERM INT",
     ]
     extra = f" --duration {duration:g}" if duration is not None else ""
+    # Hosts mapped onto one node run as parallel steps there. Without --overlap the first step
+    # takes every CPU the job has on that node and the others wait for it forever ("step
+    # creation temporarily disabled, retrying (Requested nodes are busy)", Slurm 22.05).
+    shared = {node for node in mapped_nodes if list(mapping.values()).count(node) > 1}
     for h in hosts:
         var = f"NODE_{_shell_name(h.name)}"
         roles = ", ".join(f"{r} x{n}" for r, n in h.roles.items() if n > 0) or "no nodes"
+        node = mapping.get(h.name)
+        overlap = " --overlap" if node in shared else ""
         lines += [
-            f"# {h.name} (rack {h.rack}): {roles}",
+            f"# {h.name} (rack {h.rack}): {roles}"
+            + (f"; shares node {node} with other hosts (--overlap)" if overlap else ""),
             f'{ENV_ADDRESS}="$(node_addr "${var}")" \\',
-            f'  srun --nodes=1 --ntasks=1 -w "${var}" --job-name={q(f"{name}-{h.name}")} \\',
+            f'  srun --nodes=1 --ntasks=1{overlap} -w "${var}" '
+            f"--job-name={q(f'{name}-{h.name}')} \\",
             f'  --output="$RUN_DIR/{h.name}.out" \\',
             f'  $DVLA up "$TOPOLOGY" --host {q(h.name)} --run-dir "$RUN_DIR/{h.name}"{extra} &',
             'PIDS+=("$!")',

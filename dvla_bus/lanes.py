@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LaneStats", "Lanes", "merge_traces"]
+__all__ = ["LaneStats", "Lanes", "merge_traces", "summarize_trace"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,3 +109,37 @@ class Lanes:
 def merge_traces(parts: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """One Perfetto-loadable document from several processes' events."""
     return {"traceEvents": [e for part in parts for e in part], "displayTimeUnit": "ms"}
+
+
+def summarize_trace(doc: dict[str, Any]) -> dict[str, Any]:
+    """Per-lane utilisation (busy fraction of the traced span) and the overlap fraction: the
+    share of the span during which lanes of two or more *processes* were busy at once (a
+    sampler's inference runs nested inside its sampling lane, so same-process nesting is not
+    counted as overlap)."""
+    events = [e for e in doc.get("traceEvents", []) if e.get("ph") == "X"]
+    if not events:
+        return {"span_s": 0.0, "utilisation": {}, "overlap": 0.0}
+    start = min(e["ts"] for e in events)
+    end = max(e["ts"] + e["dur"] for e in events)
+    span = max(end - start, 1e-9)
+    busy: dict[str, float] = {}
+    for e in events:
+        busy[e["name"]] = busy.get(e["name"], 0.0) + e["dur"]
+    # Sweep the interval end points: time with >= 2 open intervals of different lanes.
+    points = sorted(
+        [(e["ts"], 1, e["name"]) for e in events]
+        + [(e["ts"] + e["dur"], -1, e["name"]) for e in events]
+    )
+    open_lanes: dict[str, int] = {}
+    overlap = 0.0
+    last = start
+    for t, delta, lane in points:
+        if sum(1 for n in open_lanes.values() if n > 0) >= 2:
+            overlap += t - last
+        last = t
+        open_lanes[lane] = open_lanes.get(lane, 0) + delta
+    return {
+        "span_s": span / 1e6,
+        "utilisation": {k: v / span for k, v in sorted(busy.items())},
+        "overlap": overlap / span,
+    }

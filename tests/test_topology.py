@@ -201,7 +201,7 @@ def test_racks_links_replication_are_resolved(tmp_path: Path) -> None:
 
 
 def test_a_file_without_the_new_tables_keeps_its_meaning() -> None:
-    topo = load_topology(REPO / "topologies" / "local.toml", known_roles())
+    topo = load_topology(REPO / "topologies" / "demo.toml", known_roles())
     assert [p.node_id for p in topo.placements()] == [
         "coordinator.local.0",
         "producer.local.0",

@@ -137,7 +137,7 @@ def test_readers_are_the_hosts_nodes_but_the_source() -> None:
 
 
 def test_one_host() -> None:
-    topo = load_topology(REPO / "topologies" / "local.toml", known_roles())
+    topo = load_topology(REPO / "topologies" / "demo.toml", known_roles())
     tree = replication_tree(topo)
     assert tree.depth == 0
     assert list(tree.edges()) == []

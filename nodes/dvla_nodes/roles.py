@@ -19,6 +19,8 @@ ROLES: Final[dict[str, str]] = {
     "consumer": "dvla_nodes.demo:Consumer",
     "relay": "dvla_nodes.relay:Relay",
     "publisher": "dvla_nodes.publisher:Publisher",
+    "learner": "dvla_nodes.pipeline:LearnerNode",
+    "sampler": "dvla_nodes.pipeline:SamplerNode",
 }
 
 

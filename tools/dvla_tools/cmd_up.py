@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -34,6 +35,7 @@ from dvla_bus.deploy import (
     write_run_config,
 )
 from dvla_bus.errors import DeadlineExceeded
+from dvla_bus.lanes import merge_traces, summarize_trace
 from dvla_bus.supervisor import ChildStatus, Supervisor
 from dvla_bus.topology import load_topology
 from dvla_nodes.roles import known_roles
@@ -160,8 +162,29 @@ async def _main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     console.print(_table(supervisor.status(), box[0], run_dir, started))
+    _collect_trace(run_dir, event)
     event("stopped")
     return code
+
+
+def _collect_trace(run_dir: Path, event: Any) -> None:
+    """Merge the nodes' lane traces (written on a ``trace`` command, e.g. by the learner at the
+    end of training) into ``trace.json`` and report lane utilisation and overlap."""
+    parts = []
+    for path in sorted((run_dir / "trace").glob("*.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            parts.append(json.loads(path.read_text())["events"])
+    if not parts:
+        return
+    doc = merge_traces(parts)
+    (run_dir / "trace.json").write_text(json.dumps(doc))
+    summary = summarize_trace(doc)
+    (run_dir / "lanes.json").write_text(json.dumps(summary, indent=2))
+    util = ", ".join(f"{k} {v:.0%}" for k, v in summary["utilisation"].items())
+    event(
+        f"trace.json written ({len(parts)} node(s)); lanes busy: {util}; "
+        f"overlap {summary['overlap']:.0%} of {summary['span_s']:.0f}s"
+    )
 
 
 def _up(args: argparse.Namespace) -> int:

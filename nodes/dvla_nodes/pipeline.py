@@ -1,0 +1,409 @@
+"""The distributed training pipeline: ``learner`` and ``sampler`` roles running the same
+learning code as ``dvla train --serial`` (:mod:`dvla_nodes.learn`) as separate processes.
+
+Four swimlanes overlap:
+
+* **sampling** (sampler): environment steps on the sampler's env workers;
+* **inference** (sampler): the policy forward pass for a batch of environments, on the sampler's
+  local copy of the weights (small models; a remote inference role is not implemented yet);
+* **gradient** (learner): GRPO updates on admitted groups;
+* **distribution** (learner): publishing each new version into the host's shared-memory weight
+  pool (:mod:`dvla_bus.weights`) and announcing it on the control bus. Samplers pick the new
+  version up between groups — readers see version N or N+1, never a mix.
+
+A sampler rolls out whole GRPO groups (``group_size`` episodes of one task instance, one policy
+version) and sends each as one message to the learner's inbox (shared-memory slab on one host).
+The learner admits a group only if its version lags the current one by at most
+``max_version_lag``; older groups are dropped and counted (``stale_groups``). Every
+``groups_per_iter`` admitted groups make one update and one new version.
+
+The training configuration is ``[roles.learner]`` of the topology (any
+:class:`~dvla_nodes.learn.config.TrainConfig` field); samplers read the same table from the
+topology file so both sides build the same policy. When ``minutes`` (or ``iterations``) run out,
+the learner evaluates, writes its final checkpoint and stops the job through the control bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from dvla_bus import wire
+from dvla_bus.node import Node
+from dvla_bus.sockets import open_context
+from dvla_bus.topology import load_topology
+from dvla_bus.transport import Delivery, Inbox, Outbox, open_inbox, open_outbox
+from dvla_bus.weights import Manifest, WeightPool, WeightReader, attach_weights, create_weight_pool
+from dvla_nodes.envs.tasks import MAX_STEPS
+from dvla_nodes.learn.config import DEMO_SEED_BASE, TrainConfig
+from dvla_nodes.learn.learner import Learner, episode_rewards
+from dvla_nodes.learn.metrics import MetricsLog
+from dvla_nodes.learn.rollout import Assignment, Episodes, run_episodes
+from dvla_nodes.learn.trainer import evaluate, open_shards, rollout_threads
+from dvla_nodes.policy import build_policy
+from dvla_nodes.policy.act import ActOutput, PolicyActor
+from dvla_nodes.policy.flat import flatten
+
+__all__ = [
+    "LearnerNode",
+    "SamplerNode",
+    "episodes_from_arrays",
+    "episodes_to_arrays",
+    "train_config",
+]
+
+TOPIC = "trajectories"
+SEP = "\x1f"  # unit separator: joins task names and instructions in message metadata
+
+
+def train_config(settings: Mapping[str, wire.Scalar]) -> TrainConfig:
+    """A :class:`TrainConfig` from a topology's ``[roles.learner]`` table (unknown keys that are
+    not TrainConfig fields are ignored: they configure the node, e.g. ``watchdog_s``)."""
+    hints = typing.get_type_hints(TrainConfig)
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in settings:
+            continue
+        value = settings[f.name]
+        kind = hints[f.name]
+        if kind is int:
+            changes[f.name] = int(value)
+        elif kind is float:
+            changes[f.name] = float(value)
+        elif kind is bool:
+            changes[f.name] = bool(value)
+        elif kind is str:
+            changes[f.name] = str(value)
+        else:  # tuple[str, ...]: comma-separated
+            changes[f.name] = tuple(s.strip() for s in str(value).split(",") if s.strip())
+    return dataclasses.replace(TrainConfig(display=False), **changes)
+
+
+# --- episodes on the wire ----------------------------------------------------------------------
+
+_ARRAY_FIELDS = (
+    "images",
+    "proprio",
+    "state",
+    "tokens",
+    "logp",
+    "episode",
+    "seeds",
+    "success",
+    "length",
+    "shaping",
+    "version",
+    "group",
+)
+
+
+def episodes_to_arrays(ep: Episodes) -> tuple[dict[str, wire.Scalar], dict[str, np.ndarray]]:
+    meta: dict[str, wire.Scalar] = {
+        "tasks": SEP.join(ep.tasks),
+        "instructions": SEP.join(ep.instructions),
+        "version": int(ep.version.min()) if len(ep.version) else -1,
+    }
+    arrays = {}
+    for name in _ARRAY_FIELDS:
+        a = np.asarray(getattr(ep, name))
+        if a.dtype == np.bool_:
+            a = a.astype(np.uint8)
+        arrays[name] = a
+    return meta, arrays
+
+
+def episodes_from_arrays(
+    meta: Mapping[str, wire.Scalar], arrays: Mapping[str, np.ndarray]
+) -> Episodes:
+    """Copies the arrays (the delivery's memory goes back to the sender on release)."""
+    values: dict[str, Any] = {name: np.array(arrays[name]) for name in _ARRAY_FIELDS}
+    values["success"] = values["success"].astype(bool)
+    tasks = tuple(str(meta["tasks"]).split(SEP)) if meta.get("tasks") else ()
+    instructions = tuple(str(meta["instructions"]).split(SEP)) if meta.get("instructions") else ()
+    return Episodes(tasks=tasks, instructions=instructions, **values)
+
+
+# --- the learner -------------------------------------------------------------------------------
+
+
+class LearnerNode(Node):
+    role = "learner"
+    description = "GRPO updates on trajectories from the samplers; publishes weight versions"
+
+    inbox: Inbox
+    pool: WeightPool
+
+    async def setup(self) -> None:
+        cfg = self.config
+        self.train = train_config(cfg.settings)
+        torch.set_num_threads(max(1, self.train.torch_threads))
+        torch.manual_seed(self.train.seed)
+        model, tok = build_policy(
+            self.train.policy_size,
+            self.train.image_size,
+            self.train.bins,
+            self.train.seed,
+            stem=self.train.policy_stem,
+        )
+        self.learner = Learner(model, tok, self.train)
+        self.actor = PolicyActor(model, tok, self.train.temperature)
+        ctx = await self.resources.enter_async_context(
+            open_context(credentials=cfg.data_credentials)
+        )
+        if cfg.control_endpoint.startswith("ipc://"):
+            bind = f"ipc://{cfg.run_dir}/data-{cfg.node_id}.sock"
+            tap = f"ipc://{cfg.run_dir}/tap-{cfg.node_id}.sock"
+        else:
+            bind = tap = f"tcp://{cfg.address}:0"
+        self.inbox = await self.resources.enter_async_context(
+            open_inbox(
+                ctx,
+                name=cfg.node_id,
+                host=cfg.host,
+                bind=[bind],
+                window=4,
+                tap=tap,
+                credentials=cfg.data_credentials,
+            )
+        )
+        self.meters.append(self.inbox.counters)
+        flat = self.learner.flat.detach().numpy()
+        self.pool = self.resources.enter_context(
+            create_weight_pool(cfg.run_id, "learner", Manifest.from_arrays({"flat": flat}))
+        )
+        self.endpoints["data"] = self.inbox.endpoint
+        self.endpoints["tap"] = self.inbox.tap_endpoint
+        self.endpoints["weights"] = self.pool.name
+        self.metrics = MetricsLog(cfg.run_dir / "metrics.jsonl")
+        self.resources.callback(self.metrics.close)
+
+    def _publish(self) -> None:
+        with self.lanes.busy("distribution"):
+            digest = self.pool.publish(
+                self.learner.version, {"flat": self.learner.flat.detach().numpy()}
+            )
+        self._digest = digest
+
+    async def run(self) -> None:
+        t = self.train
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(t.seed)
+        # Environments in a worker process: rendering never runs on this event loop or the
+        # executor thread (an EGL context is bound to the thread that made it).
+        with open_shards(max(1, t.group_size), 1, t.image_size) as shards:
+            # Warm start by behaviour cloning on scripted demonstrations (in this process).
+            with self.lanes.busy("gradient"):
+                demos = await loop.run_in_executor(
+                    None,
+                    lambda: run_episodes(
+                        shards,
+                        [
+                            Assignment(task, DEMO_SEED_BASE + i)
+                            for task in t.tasks
+                            for i in range(t.demos_per_task)
+                        ],
+                        None,
+                        bins=t.bins,
+                        expert_noise=t.demo_noise,
+                        rng=rng,
+                    ),
+                )
+                bc = await loop.run_in_executor(None, self.learner.behaviour_clone, demos)
+            self.learner.version = max(self.learner.version, 1)
+            self._publish()
+            await self._announce()
+            self.metrics.write(
+                {
+                    "kind": "bc",
+                    "t": time.perf_counter() - t0,
+                    "demos": demos.num_episodes,
+                    "loss": bc.loss,
+                }
+            )
+            pending: list[Episodes] = []
+            stale = iterations = 0
+            while iterations < t.iterations and time.perf_counter() - t0 < t.minutes * 60:
+                await self.wait_unpaused()
+                try:
+                    got: Delivery = await self.inbox.recv(timeout=1.0)
+                except TimeoutError:
+                    continue
+                with got:
+                    eps = episodes_from_arrays(got.meta, got.arrays)
+                lag = self.learner.version - int(got.meta.get("version", -1))
+                if lag > t.max_version_lag:
+                    stale += 1
+                    self.counters["stale_groups"] = stale
+                    continue
+                pending.append(eps)
+                self.counters["admitted_groups"] = self.counters.get("admitted_groups", 0) + 1
+                if len(pending) < t.groups_per_iter:
+                    continue
+                batch = Episodes.concat(pending)
+                pending = []
+                iterations += 1
+                self.learner.set_lr(t.lr * min(1.0, iterations / max(1, t.lr_warmup)))
+                with self.lanes.busy("gradient"):
+                    up = await loop.run_in_executor(None, self.learner.update, batch)
+                self._publish()
+                await self._announce()
+                self.gauges["success"] = float(batch.success.mean())
+                self.counters["iterations"] = iterations
+                self.metrics.write(
+                    {
+                        "kind": "train",
+                        "t": time.perf_counter() - t0,
+                        "iteration": iterations,
+                        "version": up.version,
+                        "success": float(batch.success.mean()),
+                        "reward": float(episode_rewards(batch, t).mean()),
+                        "loss": up.loss,
+                        "stale_groups": stale,
+                        "lag_max": int(lag),
+                        "env_steps": batch.num_steps,
+                    }
+                )
+            final = await loop.run_in_executor(
+                None, lambda: evaluate(shards, self.actor, t.tasks, max(1, t.eval_seeds))
+            )
+        self.metrics.write(
+            {
+                "kind": "final",
+                "t": time.perf_counter() - t0,
+                "success": final.success,
+                "success_by_task": final.success_by_task,
+                "iterations": iterations,
+                "version": self.learner.version,
+            }
+        )
+        self.log.info("training done: %d iterations, eval success %.2f", iterations, final.success)
+        # The job is over: every node writes its lane intervals (dvla up merges them into
+        # trace.json), then everyone stops; this node finishes with status 0.
+        await self.control.send(wire.Command(command="trace", args={"tag": "final"}))
+        self._write_trace("final")
+        await asyncio.sleep(1.0)  # let the trace command reach the others before stop
+        await self.control.send(wire.Command(command="stop", target="*"))
+
+    async def _announce(self) -> None:
+        self.set_weight_version(self.learner.version)
+        await self.control.send(
+            wire.VersionAnnounce(
+                version=self.learner.version, digest=self._digest, nbytes=self.pool.nbytes
+            )
+        )
+
+
+# --- the sampler -------------------------------------------------------------------------------
+
+
+class SamplerNode(Node):
+    role = "sampler"
+    description = "rolls out GRPO groups on local environments with the latest weights"
+
+    outbox: Outbox
+
+    async def setup(self) -> None:
+        cfg = self.config
+        topology = load_topology(cfg.topology_file) if cfg.topology_file else None
+        learner_settings = topology.settings("learner") if topology else {}
+        self.train = train_config({**learner_settings, **cfg.settings})
+        torch.set_num_threads(1)
+        model, tok = build_policy(
+            self.train.policy_size,
+            self.train.image_size,
+            self.train.bins,
+            self.train.seed,
+            stem=self.train.policy_stem,
+        )
+        self.model = model
+        _, self.flat = flatten(model)
+        self.actor = PolicyActor(model, tok, self.train.temperature)
+        self.gen = torch.Generator().manual_seed(self.train.seed + 1000 + cfg.index)
+        ctx = await self.resources.enter_async_context(
+            open_context(credentials=cfg.data_credentials)
+        )
+        self.outbox = await self.resources.enter_async_context(
+            open_outbox(
+                ctx,
+                name=cfg.node_id,
+                host=cfg.host,
+                run=cfg.run_id,
+                slab_size=self._slab_bytes(),
+                slabs=4,
+                policy="block",
+                credentials=cfg.data_credentials,
+            )
+        )
+        self.meters.append(self.outbox.counters)
+        self.reader: WeightReader | None = None
+        self.version = -1
+
+    def _slab_bytes(self) -> int:
+        t = self.train
+        steps = t.group_size * max(MAX_STEPS.values())  # the longest episodes of the suite
+        per_step = t.image_size * t.image_size * 3 + 1024  # image + proprio/state/tokens/logp
+        return steps * per_step + (1 << 20)
+
+    def on_members(self, members: tuple[wire.MemberInfo, ...]) -> None:
+        for m in members:
+            if m.role != "learner" or m.state == "dead":
+                continue
+            if m.endpoints.get("data"):
+                asyncio.get_running_loop().create_task(self.outbox.connect(m.endpoints["data"]))
+            if self.reader is None and m.endpoints.get("weights"):
+                try:
+                    self.reader = attach_weights(m.endpoints["weights"])
+                    self.resources.callback(self.reader.close)
+                except Exception as exc:  # the learner may still be creating it
+                    self.log.info("weights not ready yet: %s", exc)
+
+    def _refresh_weights(self) -> None:
+        if self.reader is None or self.reader.active_version <= self.version:
+            return
+        with self.reader.pin() as pinned:
+            self.flat.copy_(torch.from_numpy(np.array(pinned.arrays["flat"])))
+            self.version = pinned.version
+        self.set_weight_version(self.version)
+
+    async def run(self) -> None:
+        t = self.train
+        loop = asyncio.get_running_loop()
+        rng = np.random.default_rng(t.seed + 7919 * (self.config.index + 1))
+        seed = 1_000_000 * (self.config.index + 1)
+        with open_shards(t.group_size, 1, t.image_size) as shards:
+            while True:
+                await self.wait_unpaused()
+                self._refresh_weights()
+                if self.version < 1 or not self.outbox.statistics().peers:
+                    await asyncio.sleep(0.2)
+                    continue
+                task = t.tasks[int(rng.integers(len(t.tasks)))]
+                seed += 1
+                assignments = [Assignment(task, seed, 0)] * t.group_size
+                version = self.version
+
+                def policy(im: np.ndarray, pr: np.ndarray, ins: Sequence[str]) -> ActOutput:
+                    with self.lanes.busy("inference"):
+                        return self.actor.act(im, pr, ins, generator=self.gen)
+
+                def roll(
+                    assignments: list[Assignment] = assignments, version: int = version
+                ) -> Episodes:
+                    with rollout_threads(shards), self.lanes.busy("sampling"):
+                        return run_episodes(
+                            shards, assignments, policy, version=version, bins=t.bins
+                        )
+
+                eps = await loop.run_in_executor(None, roll)
+                meta, arrays = episodes_to_arrays(eps)
+                await self.outbox.send(meta, arrays, topic=TOPIC, timeout=120)
+                self.counters["groups_sent"] = self.counters.get("groups_sent", 0) + 1
+                self.gauges["success"] = float(eps.success.mean())

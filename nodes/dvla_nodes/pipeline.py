@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from dvla_bus import wire
+from dvla_bus.errors import DvlaError
 from dvla_bus.node import Node
 from dvla_bus.sockets import open_context
 from dvla_bus.topology import load_topology
@@ -200,23 +201,24 @@ class LearnerNode(Node):
         # executor thread (an EGL context is bound to the thread that made it).
         with open_shards(max(1, t.group_size), 1, t.image_size) as shards:
             # Warm start by behaviour cloning on scripted demonstrations (in this process).
-            with self.lanes.busy("gradient"):
-                demos = await loop.run_in_executor(
+            # Not a swimlane: it runs once, for minutes, before the lanes start (a lane
+            # busy that long would rightly trip the hang watchdog).
+            demos = await loop.run_in_executor(
+                None,
+                lambda: run_episodes(
+                    shards,
+                    [
+                        Assignment(task, DEMO_SEED_BASE + i)
+                        for task in t.tasks
+                        for i in range(t.demos_per_task)
+                    ],
                     None,
-                    lambda: run_episodes(
-                        shards,
-                        [
-                            Assignment(task, DEMO_SEED_BASE + i)
-                            for task in t.tasks
-                            for i in range(t.demos_per_task)
-                        ],
-                        None,
-                        bins=t.bins,
-                        expert_noise=t.demo_noise,
-                        rng=rng,
-                    ),
-                )
-                bc = await loop.run_in_executor(None, self.learner.behaviour_clone, demos)
+                    bins=t.bins,
+                    expert_noise=t.demo_noise,
+                    rng=rng,
+                ),
+            )
+            bc = await loop.run_in_executor(None, self.learner.behaviour_clone, demos)
             self.learner.version = max(self.learner.version, 1)
             self._publish()
             await self._announce()
@@ -344,7 +346,14 @@ class SamplerNode(Node):
         )
         self.meters.append(self.outbox.counters)
         self.reader: WeightReader | None = None
+        self.weights_segment = ""
         self.version = -1
+        self.resources.callback(self._close_reader)
+
+    def _close_reader(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
     def _slab_bytes(self) -> int:
         t = self.train
@@ -358,11 +367,17 @@ class SamplerNode(Node):
                 continue
             if m.endpoints.get("data"):
                 asyncio.get_running_loop().create_task(self.outbox.connect(m.endpoints["data"]))
-            if self.reader is None and m.endpoints.get("weights"):
+            segment = m.endpoints.get("weights", "")
+            if segment and segment != self.weights_segment:
+                # A (re)started learner has a new pool: follow it, and its version numbers.
+                if self.reader is not None:
+                    self.reader.close()
+                    self.reader = None
                 try:
-                    self.reader = attach_weights(m.endpoints["weights"])
-                    self.resources.callback(self.reader.close)
-                except Exception as exc:  # the learner may still be creating it
+                    self.reader = attach_weights(segment)
+                    self.weights_segment = segment
+                    self.version = -1
+                except (DvlaError, OSError) as exc:  # the learner may still be creating it
                     self.log.info("weights not ready yet: %s", exc)
 
     def _refresh_weights(self) -> None:

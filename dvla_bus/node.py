@@ -32,6 +32,8 @@ from dvla_bus import wire
 from dvla_bus.control import ControlClient, JoinInfo, open_control_client
 from dvla_bus.lanes import Lanes
 from dvla_bus.security import Credentials
+from dvla_bus.sockets import open_context
+from dvla_bus.transport import Inbox, open_inbox
 from dvla_bus.watchdog import Watchdog, dump_stacks
 
 __all__ = ["Node", "NodeConfig", "run_node", "set_parent_death_signal"]
@@ -142,6 +144,36 @@ class Node:
     def request_stop(self) -> None:
         """Ask the runtime to cancel ``run()`` and tear the node down."""
         self._stop_requested.set()
+
+    async def open_inbox(self, window: int = 8) -> Inbox:
+        """This node's data inbox, with its inspection tap, on a private data-plane context:
+        ``ipc://`` files in the run directory when the job is on one host, ``tcp://`` on the
+        host's address otherwise (CURVE per the topology). Advertised in the Join as
+        ``data`` and ``tap``; its counters go into the heartbeats. Closed with the node."""
+        cfg = self.config
+        ctx = await self.resources.enter_async_context(
+            open_context(credentials=cfg.data_credentials)
+        )
+        if cfg.control_endpoint.startswith("ipc://"):
+            bind = f"ipc://{cfg.run_dir}/data-{cfg.node_id}.sock"
+            tap = f"ipc://{cfg.run_dir}/tap-{cfg.node_id}.sock"
+        else:
+            bind = tap = f"tcp://{cfg.address}:0"
+        inbox = await self.resources.enter_async_context(
+            open_inbox(
+                ctx,
+                name=cfg.node_id,
+                host=cfg.host,
+                bind=[bind],
+                window=window,
+                tap=tap,
+                credentials=cfg.data_credentials,
+            )
+        )
+        self.endpoints["data"] = inbox.endpoint
+        self.endpoints["tap"] = inbox.tap_endpoint
+        self.meters.append(inbox.counters)
+        return inbox
 
     def set_weight_version(self, version: int) -> None:
         self.control.update(weight_version=version)

@@ -254,35 +254,31 @@ class Channel:
                 frames = shadow.recv_multipart(flags=_NOBLOCK, copy=False)
             except zmq.Again:
                 return None
-            peer: bytes | None = None
-            if self.routed:
-                peer = frames[0].bytes
-                frames = frames[1:]
-            try:
-                received = wire.decode(frames)
-            except WireError as exc:
-                self.count_drop(exc.reason, exc.detail)
-                continue
-            self._received += 1
-            self._bytes_received += received.nbytes
-            return peer, received
+            got = self._accept(frames)
+            if got is not None:
+                return got
 
     async def recv(self) -> tuple[bytes | None, wire.Received]:
         """The next valid message (and the peer's routing id on a routed channel)."""
         while True:
-            frames = await self.sock.recv_multipart(copy=False)
-            peer: bytes | None = None
-            if self.routed:
-                peer = frames[0].bytes
-                frames = frames[1:]
-            try:
-                received = wire.decode(frames)
-            except WireError as exc:
-                self.count_drop(exc.reason, exc.detail)
-                continue
-            self._received += 1
-            self._bytes_received += received.nbytes
-            return peer, received
+            got = self._accept(await self.sock.recv_multipart(copy=False))
+            if got is not None:
+                return got
+
+    def _accept(self, frames: list[Any]) -> tuple[bytes | None, wire.Received] | None:
+        """Validate one multipart message; a bad one is counted and dropped (None)."""
+        peer: bytes | None = None
+        if self.routed:
+            peer = frames[0].bytes
+            frames = frames[1:]
+        try:
+            received = wire.decode(frames)
+        except WireError as exc:
+            self.count_drop(exc.reason, exc.detail)
+            return None
+        self._received += 1
+        self._bytes_received += received.nbytes
+        return peer, received
 
     def statistics(self) -> ChannelStats:
         return ChannelStats(

@@ -19,7 +19,7 @@ import numpy as np
 from dvla_bus import wire
 from dvla_bus.node import Node
 from dvla_bus.sockets import open_context
-from dvla_bus.transport import Inbox, Outbox, open_inbox, open_outbox
+from dvla_bus.transport import Inbox, Outbox, open_outbox
 
 __all__ = ["Consumer", "Producer"]
 
@@ -108,29 +108,7 @@ class Consumer(Node):
     version = -1
 
     async def setup(self) -> None:
-        cfg = self.config
-        ctx = await self.resources.enter_async_context(
-            open_context(credentials=cfg.data_credentials)
-        )
-        if cfg.control_endpoint.startswith("ipc://"):
-            bind = f"ipc://{cfg.run_dir}/data-{cfg.node_id}.sock"
-            tap = f"ipc://{cfg.run_dir}/tap-{cfg.node_id}.sock"
-        else:
-            bind = tap = f"tcp://{cfg.address}:0"
-        self.inbox = await self.resources.enter_async_context(
-            open_inbox(
-                ctx,
-                name=cfg.node_id,
-                host=cfg.host,
-                bind=[bind],
-                window=int(cfg.settings.get("window", 8)),
-                tap=tap,
-                credentials=cfg.data_credentials,
-            )
-        )
-        self.endpoints["data"] = self.inbox.endpoint
-        self.endpoints["tap"] = self.inbox.tap_endpoint
-        self.meters.append(self.inbox.counters)
+        self.inbox = await self.open_inbox(window=int(self.config.settings.get("window", 8)))
 
     def on_version(self, announce: wire.VersionAnnounce) -> None:
         self.version = announce.version

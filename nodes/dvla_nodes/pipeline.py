@@ -40,7 +40,7 @@ from dvla_bus.errors import DvlaError
 from dvla_bus.node import Node
 from dvla_bus.sockets import open_context
 from dvla_bus.topology import load_topology
-from dvla_bus.transport import Delivery, Inbox, Outbox, open_inbox, open_outbox
+from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
 from dvla_bus.weights import Manifest, WeightPool, WeightReader, attach_weights, create_weight_pool
 from dvla_nodes.envs.tasks import MAX_STEPS
 from dvla_nodes.learn.config import DEMO_SEED_BASE, TrainConfig
@@ -155,32 +155,11 @@ class LearnerNode(Node):
         )
         self.learner = Learner(model, tok, self.train)
         self.actor = PolicyActor(model, tok, self.train.temperature)
-        ctx = await self.resources.enter_async_context(
-            open_context(credentials=cfg.data_credentials)
-        )
-        if cfg.control_endpoint.startswith("ipc://"):
-            bind = f"ipc://{cfg.run_dir}/data-{cfg.node_id}.sock"
-            tap = f"ipc://{cfg.run_dir}/tap-{cfg.node_id}.sock"
-        else:
-            bind = tap = f"tcp://{cfg.address}:0"
-        self.inbox = await self.resources.enter_async_context(
-            open_inbox(
-                ctx,
-                name=cfg.node_id,
-                host=cfg.host,
-                bind=[bind],
-                window=4,
-                tap=tap,
-                credentials=cfg.data_credentials,
-            )
-        )
-        self.meters.append(self.inbox.counters)
+        self.inbox = await self.open_inbox(window=4)
         flat = self.learner.flat.detach().numpy()
         self.pool = self.resources.enter_context(
             create_weight_pool(cfg.run_id, "learner", Manifest.from_arrays({"flat": flat}))
         )
-        self.endpoints["data"] = self.inbox.endpoint
-        self.endpoints["tap"] = self.inbox.tap_endpoint
         self.endpoints["weights"] = self.pool.name
         self.metrics = MetricsLog(cfg.run_dir / "metrics.jsonl")
         self.resources.callback(self.metrics.close)

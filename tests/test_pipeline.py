@@ -95,4 +95,6 @@ max_version_lag = 1
     assert {"gradient", "distribution", "sampling", "inference"} <= set(lanes["utilisation"])
     assert 0.0 <= lanes["overlap"] <= 1.0
     assert (short_tmp / "trace.json").exists()
+    json.loads((short_tmp / "final.json").read_text())  # checkpoint metadata is JSON
+    assert (short_tmp / "final.safetensors").exists()
     assert "trace.json written" in out

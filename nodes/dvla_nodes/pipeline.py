@@ -43,6 +43,7 @@ from dvla_bus.topology import load_topology
 from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
 from dvla_bus.weights import Manifest, WeightPool, WeightReader, attach_weights, create_weight_pool
 from dvla_nodes.envs.tasks import MAX_STEPS
+from dvla_nodes.learn.checkpoint import optimizer_moments, save_checkpoint
 from dvla_nodes.learn.config import DEMO_SEED_BASE, TrainConfig
 from dvla_nodes.learn.learner import Learner, episode_rewards
 from dvla_nodes.learn.metrics import MetricsLog
@@ -238,6 +239,8 @@ class LearnerNode(Node):
                 await self._announce()
                 self.gauges["success"] = float(batch.success.mean())
                 self.counters["iterations"] = iterations
+                if t.checkpoint_every > 0 and iterations % t.checkpoint_every == 0:
+                    self._checkpoint("latest", iterations, {"success": float(batch.success.mean())})
                 self.metrics.write(
                     {
                         "kind": "train",
@@ -265,6 +268,7 @@ class LearnerNode(Node):
                 "version": self.learner.version,
             }
         )
+        self._checkpoint("final", iterations, {"eval_success": final.success})
         self.log.info("training done: %d iterations, eval success %.2f", iterations, final.success)
         # The job is over: every node writes its lane intervals (dvla up merges them into
         # trace.json), then everyone stops; this node finishes with status 0.
@@ -272,6 +276,24 @@ class LearnerNode(Node):
         self._write_trace("final")
         await asyncio.sleep(1.0)  # let the trace command reach the others before stop
         await self.control.send(wire.Command(command="stop", target="*"))
+
+    def _checkpoint(self, name: str, step: int, metrics: dict[str, Any]) -> None:
+        """safetensors + JSON, written atomically (same format as the serial trainer)."""
+        learner = self.learner
+        save_checkpoint(
+            self.config.run_dir,
+            name,
+            learner.flat,
+            layout=learner.layout,
+            meta={
+                "version": learner.version,
+                "step": step,
+                "config": self.train.to_json(),
+                "policy": learner.model.cfg.to_json(),
+                "metrics": metrics,
+            },
+            optimizer=optimizer_moments(learner.optimizer, learner.model, learner.layout),
+        )
 
     async def _announce(self) -> None:
         self.set_weight_version(self.learner.version)

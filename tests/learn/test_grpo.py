@@ -177,3 +177,35 @@ def test_behaviour_cloning_fits_the_demonstrations() -> None:
     assert stats.epochs == 15
     assert learner.version == 1
     assert _mean_logp(learner, demos, rows) > before + 0.5
+
+
+def test_cloning_anchor_pulls_towards_the_demonstrations() -> None:
+    # Same GRPO batch, same seed: with the anchor the demonstrations' actions end up more likely.
+    cfg = TrainConfig(
+        seed=3,
+        bins=32,
+        image_size=32,
+        group_size=4,
+        lr=1e-3,
+        epochs=2,
+        minibatch=4096,
+        torch_threads=1,
+        rl_bc_batch=64,
+        bc_label_sigma=0.5,
+    )
+    torch.set_num_threads(1)
+    learner, _, eps = _batch(cfg)
+    with VectorEnv(4, image_size=32) as env:
+        demos = run_episodes(
+            [env], [Assignment("reach-red", 90 + i) for i in range(4)], None, bins=32
+        )
+    rows = np.arange(demos.num_steps)
+    start = learner.flat.clone()
+    learner.update(eps)
+    plain = _mean_logp(learner, demos, rows)
+    learner.flat.copy_(start)
+    learner.optimizer.state.clear()
+    learner.cfg = cfg.replace(rl_bc_coef=1.0)
+    learner.set_anchor(demos)
+    learner.update(eps)
+    assert _mean_logp(learner, demos, rows) > plain + 0.1

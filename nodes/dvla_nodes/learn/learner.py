@@ -75,6 +75,7 @@ class Learner:
         self.version = 0
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
         self._gen = torch.Generator().manual_seed(cfg.seed + 17)
+        self._anchor: Episodes | None = None
 
     def _tensors(
         self, ep: Episodes, rows: np.ndarray
@@ -91,6 +92,28 @@ class Learner:
             group["lr"] = lr
 
     # ------------------------------------------------------------------ warm start
+
+    def _bc_loss(
+        self, demos: Episodes, rows: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cloning loss on demonstration ``rows`` (cross-entropy against Gaussian-smoothed
+        targets, plus the auxiliary position loss); also returns the logits and tokens."""
+        cfg = self.cfg
+        images, proprio, ids = self._tensors(demos, rows)
+        tokens = torch.from_numpy(demos.tokens[rows])
+        logits, aux = self.model.forward_with_aux(images, proprio, ids)
+        target = soft_targets(tokens, logits.shape[-1], cfg.bc_label_sigma)
+        logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
+        loss = -(target * logp).sum(-1).mean()
+        if aux is not None and cfg.bc_aux_coef > 0:
+            state = torch.from_numpy(demos.state[rows])
+            loss = loss + cfg.bc_aux_coef * F.mse_loss(aux, state)
+        return loss, logits, tokens
+
+    def set_anchor(self, demos: Episodes | None) -> None:
+        """Demonstrations mixed into every GRPO minibatch with weight ``rl_bc_coef`` (a cloning
+        anchor, as in DAPG), so skills that rarely succeed yet are not forgotten."""
+        self._anchor = demos
 
     def behaviour_clone(
         self, demos: Episodes, epochs: int | None = None, seconds: float | None = None
@@ -115,15 +138,7 @@ class Learner:
             perm = torch.randperm(n, generator=self._gen).numpy()
             for start in range(0, n, cfg.bc_batch):
                 rows = perm[start : start + cfg.bc_batch]
-                images, proprio, ids = self._tensors(demos, rows)
-                tokens = torch.from_numpy(demos.tokens[rows])
-                logits, aux = self.model.forward_with_aux(images, proprio, ids)
-                target = soft_targets(tokens, logits.shape[-1], cfg.bc_label_sigma)
-                logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
-                loss = -(target * logp).sum(-1).mean()
-                if aux is not None and cfg.bc_aux_coef > 0:
-                    state = torch.from_numpy(demos.state[rows])
-                    loss = loss + cfg.bc_aux_coef * F.mse_loss(aux, state)
+                loss, logits, tokens = self._bc_loss(demos, rows)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -178,6 +193,12 @@ class Learner:
                 if aux is not None and cfg.rl_aux_coef > 0:
                     state = torch.from_numpy(episodes.state[chunk])
                     loss = loss + cfg.rl_aux_coef * F.mse_loss(aux, state)
+                anchor = self._anchor
+                if anchor is not None and cfg.rl_bc_coef > 0 and anchor.num_steps:
+                    demo_rows = torch.randint(
+                        anchor.num_steps, (cfg.rl_bc_batch,), generator=self._gen
+                    ).numpy()
+                    loss = loss + cfg.rl_bc_coef * self._bc_loss(anchor, demo_rows)[0]
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)

@@ -203,6 +203,7 @@ class SerialTrainer:
                     # action in the states the noise led to (DART).
                     env_steps += demos.num_steps
                     bc = learner.behaviour_clone(demos)
+                    learner.set_anchor(demos)
                     bc_seconds = now()
                     self._log(
                         log,

@@ -44,11 +44,11 @@ from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
 from dvla_bus.weights import Manifest, WeightPool, WeightReader, attach_weights, create_weight_pool
 from dvla_nodes.envs.tasks import MAX_STEPS
 from dvla_nodes.learn.checkpoint import optimizer_moments, save_checkpoint
-from dvla_nodes.learn.config import DEMO_SEED_BASE, TrainConfig
+from dvla_nodes.learn.config import TrainConfig
 from dvla_nodes.learn.learner import Learner, episode_rewards
 from dvla_nodes.learn.metrics import MetricsLog
 from dvla_nodes.learn.rollout import Assignment, Episodes, run_episodes
-from dvla_nodes.learn.trainer import evaluate, open_shards, rollout_threads
+from dvla_nodes.learn.trainer import collect_demos, evaluate, open_shards, rollout_threads
 from dvla_nodes.policy import build_policy
 from dvla_nodes.policy.act import ActOutput, PolicyActor
 from dvla_nodes.policy.flat import flatten
@@ -183,21 +183,7 @@ class LearnerNode(Node):
             # Warm start by behaviour cloning on scripted demonstrations (in this process).
             # Not a swimlane: it runs once, for minutes, before the lanes start (a lane
             # busy that long would rightly trip the hang watchdog).
-            demos = await loop.run_in_executor(
-                None,
-                lambda: run_episodes(
-                    shards,
-                    [
-                        Assignment(task, DEMO_SEED_BASE + i)
-                        for task in t.tasks
-                        for i in range(t.demos_per_task)
-                    ],
-                    None,
-                    bins=t.bins,
-                    expert_noise=t.demo_noise,
-                    rng=rng,
-                ),
-            )
+            demos = await loop.run_in_executor(None, collect_demos, shards, t, rng)
             bc = await loop.run_in_executor(None, self.learner.behaviour_clone, demos)
             self.learner.version = max(self.learner.version, 1)
             self._publish()

@@ -27,7 +27,7 @@ from dvla_nodes.learn.checkpoint import (
 from dvla_nodes.learn.config import DEMO_SEED_BASE, EVAL_SEED_BASE, TrainConfig
 from dvla_nodes.learn.learner import Learner, episode_rewards
 from dvla_nodes.learn.metrics import MetricsLog, plot_success, read_metrics
-from dvla_nodes.learn.rollout import Assignment, Shard, run_episodes
+from dvla_nodes.learn.rollout import Assignment, Episodes, Shard, run_episodes
 from dvla_nodes.policy import build_policy
 from dvla_nodes.policy.act import ActOutput, PolicyActor
 
@@ -109,6 +109,19 @@ def evaluate(
     )
 
 
+def collect_demos(shards: Sequence[Shard], cfg: TrainConfig, rng: np.random.Generator) -> Episodes:
+    """``demos_per_task`` scripted demonstrations of every task (DART noise ``demo_noise``),
+    on seeds ``DEMO_SEED_BASE + i``: the warm start's data (serial trainer and learner role)."""
+    return run_episodes(
+        shards,
+        [Assignment(t, DEMO_SEED_BASE + i) for t in cfg.tasks for i in range(cfg.demos_per_task)],
+        None,
+        bins=cfg.bins,
+        expert_noise=cfg.demo_noise,
+        rng=rng,
+    )
+
+
 def make_run_dir(root: Path, name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = root / f"{stamp}-{name}"
@@ -187,18 +200,7 @@ class SerialTrainer:
                     learner.version = int(ck.meta["version"])
                     bc_seconds = 0.0
                 else:
-                    demos = run_episodes(
-                        shards,
-                        [
-                            Assignment(t, DEMO_SEED_BASE + i)
-                            for t in cfg.tasks
-                            for i in range(cfg.demos_per_task)
-                        ],
-                        None,
-                        bins=cfg.bins,
-                        expert_noise=cfg.demo_noise,
-                        rng=rng,
-                    )
+                    demos = collect_demos(shards, cfg, rng)
                     # Failed noisy demonstrations stay: their labels are still the expert's
                     # action in the states the noise led to (DART).
                     env_steps += demos.num_steps

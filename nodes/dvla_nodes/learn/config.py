@@ -42,7 +42,7 @@ class TrainConfig:
     rl_aux_coef: float = 5.0
     # Cloning anchor during GRPO: weight of the demonstrations' cloning loss added to each GRPO
     # minibatch, and its batch size (0: pure GRPO).
-    rl_bc_coef: float = 0.0
+    rl_bc_coef: float = 0.5
     rl_bc_batch: int = 128
 
     # GRPO

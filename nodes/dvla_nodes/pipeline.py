@@ -43,12 +43,17 @@ from dvla_bus.topology import load_topology
 from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
 from dvla_bus.weights import Manifest, WeightPool, WeightReader, attach_weights, create_weight_pool
 from dvla_nodes.envs.tasks import MAX_STEPS
-from dvla_nodes.learn.checkpoint import optimizer_moments, save_checkpoint
 from dvla_nodes.learn.config import TrainConfig
 from dvla_nodes.learn.learner import Learner, episode_rewards
 from dvla_nodes.learn.metrics import MetricsLog
 from dvla_nodes.learn.rollout import Assignment, Episodes, run_episodes
-from dvla_nodes.learn.trainer import collect_demos, evaluate, open_shards, rollout_threads
+from dvla_nodes.learn.trainer import (
+    checkpoint_learner,
+    collect_demos,
+    evaluate,
+    open_shards,
+    rollout_threads,
+)
 from dvla_nodes.policy import build_policy
 from dvla_nodes.policy.act import ActOutput, PolicyActor
 from dvla_nodes.policy.flat import flatten
@@ -264,22 +269,7 @@ class LearnerNode(Node):
         await self.control.send(wire.Command(command="stop", target="*"))
 
     def _checkpoint(self, name: str, step: int, metrics: dict[str, Any]) -> None:
-        """safetensors + JSON, written atomically (same format as the serial trainer)."""
-        learner = self.learner
-        save_checkpoint(
-            self.config.run_dir,
-            name,
-            learner.flat,
-            layout=learner.layout,
-            meta={
-                "version": learner.version,
-                "step": step,
-                "config": self.train.to_json(),
-                "policy": learner.model.cfg.to_json(),
-                "metrics": metrics,
-            },
-            optimizer=optimizer_moments(learner.optimizer, learner.model, learner.layout),
-        )
+        checkpoint_learner(self.config.run_dir, self.learner, name, step, metrics)
 
     async def _announce(self) -> None:
         self.set_weight_version(self.learner.version)

@@ -122,6 +122,27 @@ def collect_demos(shards: Sequence[Shard], cfg: TrainConfig, rng: np.random.Gene
     )
 
 
+def checkpoint_learner(
+    run_dir: Path, learner: Learner, name: str, step: int, metrics: dict[str, Any]
+) -> Path:
+    """``<name>.safetensors`` + ``<name>.json`` (weights, optimiser moments, version, config),
+    atomically: the serial trainer's and the learner role's checkpoints."""
+    return save_checkpoint(
+        run_dir,
+        name,
+        learner.flat,
+        layout=learner.layout,
+        meta={
+            "version": learner.version,
+            "step": step,
+            "config": learner.cfg.to_json(),
+            "policy": learner.model.cfg.to_json(),
+            "metrics": metrics,
+        },
+        optimizer=optimizer_moments(learner.optimizer, learner.model, learner.layout),
+    )
+
+
 def make_run_dir(root: Path, name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = root / f"{stamp}-{name}"
@@ -154,20 +175,7 @@ class SerialTrainer:
             self.progress(record)
 
     def _checkpoint(self, learner: Learner, name: str, step: int, metrics: dict[str, Any]) -> Path:
-        return save_checkpoint(
-            self.run_dir,
-            name,
-            learner.flat,
-            layout=learner.layout,
-            meta={
-                "version": learner.version,
-                "step": step,
-                "config": self.cfg.to_json(),
-                "policy": learner.model.cfg.to_json(),
-                "metrics": metrics,
-            },
-            optimizer=optimizer_moments(learner.optimizer, learner.model, learner.layout),
-        )
+        return checkpoint_learner(self.run_dir, learner, name, step, metrics)
 
     def run(self) -> TrainResult:
         cfg = self.cfg

@@ -5,13 +5,15 @@ the learner ends the job, and the lanes' trace is merged with utilisation and ov
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 
 from dvla_nodes.learn.rollout import Episodes
 from dvla_nodes.pipeline import episodes_from_arrays, episodes_to_arrays, train_config
-from tests.helpers import spawn, stop
+from tests.helpers import hub_status, members_by_node, spawn, stop, wait_for
 
 
 def test_episodes_round_trip_through_message_arrays() -> None:
@@ -53,13 +55,13 @@ def test_train_config_from_topology_settings() -> None:
     assert cfg.tasks == ("reach-red", "reach-blue")
 
 
-def test_learner_and_sampler_train_as_separate_processes(short_tmp: Path) -> None:
-    topo = short_tmp / "t.toml"
+def _pipeline_topology(tmp: Path, extra: str = "") -> Path:
+    topo = tmp / "t.toml"
     topo.write_text(
         f"""schema = 1
 name = "pipe"
 [control]
-endpoint = "ipc://{short_tmp}/c.sock"
+endpoint = "ipc://{tmp}/c.sock"
 heartbeat_timeout_s = 10.0
 [[hosts]]
 name = "h"
@@ -70,11 +72,17 @@ demos_per_task = 2
 bc_epochs = 1
 group_size = 4
 groups_per_iter = 1
-minutes = 0.4
 eval_seeds = 1
+final_eval_seeds = 1
 max_version_lag = 1
+{extra}
 """
     )
+    return topo
+
+
+def test_learner_and_sampler_train_as_separate_processes(short_tmp: Path) -> None:
+    topo = _pipeline_topology(short_tmp, "minutes = 0.4\neval_every = 3")
     up = spawn(
         ["up", str(topo), "--run-dir", str(short_tmp), "--status-every", "0"], short_tmp / "up.out"
     )
@@ -91,6 +99,10 @@ max_version_lag = 1
     assert train[-1]["version"] > train[0]["version"] >= 2
     assert all(r["lag_max"] <= 1 for r in train)  # admitted groups respect the staleness bound
     assert records[-1]["kind"] == "final"
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals
+    assert evals[0]["version"] == 1  # the warm start's evaluation
+    assert (short_tmp / "success.png").stat().st_size > 1000
     lanes = json.loads((short_tmp / "lanes.json").read_text())
     assert {"gradient", "distribution", "sampling", "inference"} <= set(lanes["utilisation"])
     assert 0.0 <= lanes["overlap"] <= 1.0
@@ -98,3 +110,46 @@ max_version_lag = 1
     json.loads((short_tmp / "final.json").read_text())  # checkpoint metadata is JSON
     assert (short_tmp / "final.safetensors").exists()
     assert "trace.json written" in out
+
+
+def test_killed_learner_resumes_from_its_last_checkpoint(short_tmp: Path) -> None:
+    """kill -9 the learner mid-run: the supervisor restarts it, it loads ``latest`` (no second
+    warm start), version numbers keep rising past every version published before the kill,
+    and the job still ends with a final checkpoint."""
+    topo = _pipeline_topology(short_tmp, "minutes = 0.7\ncheckpoint_every = 1\neval_every = 0")
+    up = spawn(
+        ["up", str(topo), "--run-dir", str(short_tmp), "--status-every", "0", "--backoff-max", "1"],
+        short_tmp / "up.out",
+    )
+    endpoint = f"ipc://{short_tmp}/c.sock"
+    try:
+
+        def trained_twice() -> bool:
+            path = short_tmp / "latest.json"
+            return path.exists() and json.loads(path.read_text())["step"] >= 2
+
+        wait_for(trained_twice, timeout=90, what="two GRPO iterations checkpointed")
+        status = hub_status(endpoint)
+        learner = members_by_node(status)["learner.h.0"]
+        before = status.latest_version
+        os.kill(learner.pid, signal.SIGKILL)
+
+        def restarted() -> bool:
+            m = members_by_node(hub_status(endpoint)).get("learner.h.0")
+            return m is not None and m.pid != learner.pid and m.state == "running"
+
+        wait_for(restarted, timeout=60, what="the learner restarted and rejoined")
+        assert up.wait(timeout=120) == 0, (short_tmp / "up.out").read_text()[-3000:]
+    finally:
+        stop(up)
+    log = (short_tmp / "logs" / "learner.h.0.log").read_text()
+    assert "resumed from checkpoint" in log
+    records = [json.loads(line) for line in (short_tmp / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if r["kind"] == "bc"]) == 1  # cloned once, not again
+    train = [r for r in records if r["kind"] == "train"]
+    after = [r for r in train if r["version"] > before]
+    assert after, (before, [r["version"] for r in train])
+    # iterations continue from the checkpoint rather than restarting at 1
+    assert after[0]["iteration"] >= 3
+    assert records[-1]["kind"] == "final"
+    assert json.loads((short_tmp / "final.json").read_text())["version"] > before

@@ -26,6 +26,7 @@ the learner evaluates, writes its final checkpoint and stops the job through the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import typing
@@ -36,18 +37,20 @@ import numpy as np
 import torch
 
 from dvla_bus import wire
-from dvla_bus.errors import DvlaError
+from dvla_bus.errors import ConfigError, DvlaError
 from dvla_bus.node import Node
 from dvla_bus.sockets import open_context
 from dvla_bus.topology import load_topology
 from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
 from dvla_bus.weights import Manifest, WeightPool, WeightReader, attach_weights, create_weight_pool
 from dvla_nodes.envs.tasks import MAX_STEPS
+from dvla_nodes.learn.checkpoint import Checkpoint, load_checkpoint, restore_moments
 from dvla_nodes.learn.config import TrainConfig
 from dvla_nodes.learn.learner import Learner, episode_rewards
-from dvla_nodes.learn.metrics import MetricsLog
-from dvla_nodes.learn.rollout import Assignment, Episodes, run_episodes
+from dvla_nodes.learn.metrics import MetricsLog, plot_success, read_metrics
+from dvla_nodes.learn.rollout import Assignment, Episodes, Shard, run_episodes
 from dvla_nodes.learn.trainer import (
+    EvalResult,
     checkpoint_learner,
     collect_demos,
     evaluate,
@@ -177,33 +180,69 @@ class LearnerNode(Node):
             )
         self._digest = digest
 
+    def _restore(self) -> Checkpoint | None:
+        """The newest checkpoint in the run directory (``latest`` or ``final``), if any: a
+        learner the supervisor restarted, or a job started with ``dvla up --resume``."""
+        best: Checkpoint | None = None
+        for name in ("latest", "final"):
+            path = self.config.run_dir / f"{name}.json"
+            if not path.exists():
+                continue
+            ck = load_checkpoint(path)
+            key = (int(ck.meta["version"]), int(ck.meta["step"]))
+            if best is None or key > (int(best.meta["version"]), int(best.meta["step"])):
+                best = ck
+        return best
+
     async def run(self) -> None:
         t = self.train
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         rng = np.random.default_rng(t.seed)
+        ck = self._restore()
+        offset = float(ck.meta["metrics"].get("elapsed", 0.0)) if ck is not None else 0.0
+        iterations = int(ck.meta["step"]) if ck is not None else 0
+        env_steps = int(ck.meta["metrics"].get("env_steps", 0)) if ck is not None else 0
+
+        def now() -> float:  # training time, continued across restarts
+            return offset + time.perf_counter() - t0
+
+        self._now = now
         # Environments in a worker process: rendering never runs on this event loop or the
         # executor thread (an EGL context is bound to the thread that made it).
         with open_shards(max(1, t.group_size), 1, t.image_size) as shards:
             # Warm start by behaviour cloning on scripted demonstrations (in this process).
             # Not a swimlane: it runs once, for minutes, before the lanes start (a lane
-            # busy that long would rightly trip the hang watchdog).
-            demos = await loop.run_in_executor(None, collect_demos, shards, t, rng)
-            bc = await loop.run_in_executor(None, self.learner.behaviour_clone, demos)
-            self.learner.version = max(self.learner.version, 1)
+            # busy that long would rightly trip the hang watchdog). A resumed learner skips the
+            # cloning but collects the same demonstrations again for the cloning anchor.
+            demos: Episodes | None = None
+            if ck is None or t.rl_bc_coef > 0:
+                demos = await loop.run_in_executor(None, collect_demos, shards, t, rng)
+            if ck is None:
+                assert demos is not None
+                env_steps += demos.num_steps
+                bc = await loop.run_in_executor(None, self.learner.behaviour_clone, demos)
+                self.learner.version = max(self.learner.version, 1)
+                self.metrics.write(
+                    {
+                        "kind": "bc",
+                        "t": now(),
+                        "demos": demos.num_episodes,
+                        "loss": bc.loss,
+                        "token_accuracy": bc.token_accuracy,
+                    }
+                )
+            else:
+                self._load(ck)
+            self.learner.set_anchor(demos if t.rl_bc_coef > 0 else None)
             self._publish()
             await self._announce()
-            self.metrics.write(
-                {
-                    "kind": "bc",
-                    "t": time.perf_counter() - t0,
-                    "demos": demos.num_episodes,
-                    "loss": bc.loss,
-                }
-            )
+            if ck is None:
+                await self._evaluate(shards, "eval", t.eval_seeds, env_steps)
+                self._checkpoint("latest", 0, {"elapsed": now(), "env_steps": env_steps})
             pending: list[Episodes] = []
-            stale = iterations = 0
-            while iterations < t.iterations and time.perf_counter() - t0 < t.minutes * 60:
+            stale = future = 0
+            while iterations < t.iterations and now() < t.minutes * 60:
                 await self.wait_unpaused()
                 try:
                     got: Delivery = await self.inbox.recv(timeout=1.0)
@@ -216,6 +255,10 @@ class LearnerNode(Node):
                     stale += 1
                     self.counters["stale_groups"] = stale
                     continue
+                if lag < 0:  # sampled with a version this learner never made (before a restart)
+                    future += 1
+                    self.counters["future_groups"] = future
+                    continue
                 pending.append(eps)
                 self.counters["admitted_groups"] = self.counters.get("admitted_groups", 0) + 1
                 if len(pending) < t.groups_per_iter:
@@ -223,6 +266,7 @@ class LearnerNode(Node):
                 batch = Episodes.concat(pending)
                 pending = []
                 iterations += 1
+                env_steps += batch.num_steps
                 self.learner.set_lr(t.lr * min(1.0, iterations / max(1, t.lr_warmup)))
                 with self.lanes.busy("gradient"):
                     up = await loop.run_in_executor(None, self.learner.update, batch)
@@ -230,36 +274,48 @@ class LearnerNode(Node):
                 await self._announce()
                 self.gauges["success"] = float(batch.success.mean())
                 self.counters["iterations"] = iterations
-                if t.checkpoint_every > 0 and iterations % t.checkpoint_every == 0:
-                    self._checkpoint("latest", iterations, {"success": float(batch.success.mean())})
                 self.metrics.write(
                     {
                         "kind": "train",
-                        "t": time.perf_counter() - t0,
+                        "t": now(),
                         "iteration": iterations,
                         "version": up.version,
                         "success": float(batch.success.mean()),
+                        "success_by_task": batch.success_by_task(),
                         "reward": float(episode_rewards(batch, t).mean()),
                         "loss": up.loss,
+                        "groups": up.groups,
+                        "skipped_groups": up.skipped_groups,
                         "stale_groups": stale,
                         "lag_max": int(lag),
-                        "env_steps": batch.num_steps,
+                        "env_steps": env_steps,
                     }
                 )
-            final = await loop.run_in_executor(
-                None, lambda: evaluate(shards, self.actor, t.tasks, max(1, t.eval_seeds))
-            )
-        self.metrics.write(
-            {
-                "kind": "final",
-                "t": time.perf_counter() - t0,
-                "success": final.success,
-                "success_by_task": final.success_by_task,
-                "iterations": iterations,
-                "version": self.learner.version,
-            }
+                if t.eval_every > 0 and iterations % t.eval_every == 0:
+                    await self._evaluate(shards, "eval", t.eval_seeds, env_steps)
+                if t.checkpoint_every > 0 and iterations % t.checkpoint_every == 0:
+                    self._checkpoint(
+                        "latest",
+                        iterations,
+                        {
+                            "success": float(batch.success.mean()),
+                            "elapsed": now(),
+                            "env_steps": env_steps,
+                        },
+                    )
+            train_seconds = now()
+            final = await self._evaluate(shards, "final", t.final_eval_seeds, env_steps)
+        self._checkpoint(
+            "final",
+            iterations,
+            {"eval_success": final.success, "elapsed": train_seconds, "env_steps": env_steps},
         )
-        self._checkpoint("final", iterations, {"eval_success": final.success})
+        with contextlib.suppress(OSError, ValueError, KeyError):  # a figure is not worth a crash
+            plot_success(
+                read_metrics(self.config.run_dir / "metrics.jsonl"),
+                self.config.run_dir / "success.png",
+                f"dvla up {self.config.topology_name}: held-out success",
+            )
         self.log.info("training done: %d iterations, eval success %.2f", iterations, final.success)
         # The job is over: every node writes its lane intervals (dvla up merges them into
         # trace.json), then everyone stops; this node finishes with status 0.
@@ -267,6 +323,49 @@ class LearnerNode(Node):
         self._write_trace("final")
         await asyncio.sleep(1.0)  # let the trace command reach the others before stop
         await self.control.send(wire.Command(command="stop", target="*"))
+
+    def _load(self, ck: Checkpoint) -> None:
+        """Weights and optimiser moments from ``ck``. Version numbers continue: the checkpoint's,
+        or one past the newest the control hub has seen (versions the lost learner published
+        after its last checkpoint are never reused for different weights)."""
+        learner = self.learner
+        if ck.layout.total != learner.layout.total:
+            raise ConfigError(
+                f"checkpoint has {ck.layout.total} parameters, this policy {learner.layout.total}"
+            )
+        learner.flat[: ck.layout.total].copy_(torch.from_numpy(ck.flat))
+        restore_moments(learner.optimizer, learner.model, learner.layout, ck.optimizer)
+        learner.version = max(int(ck.meta["version"]), self.control.latest_version + 1)
+        self.counters["resumed_from_version"] = int(ck.meta["version"])
+        self.log.info(
+            "resumed from checkpoint version %s step %s as version %d",
+            ck.meta["version"],
+            ck.meta["step"],
+            learner.version,
+        )
+
+    async def _evaluate(
+        self, shards: Sequence[Shard], kind: str, seeds: int, env_steps: int
+    ) -> EvalResult:
+        t = self.train
+        ev = await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: evaluate(shards, self.actor, t.tasks, max(1, seeds), greedy=t.eval_greedy),
+        )
+        self.gauges["eval_success"] = ev.success
+        self.metrics.write(
+            {
+                "kind": kind,
+                "t": self._now(),
+                "env_steps": env_steps,
+                "version": self.learner.version,
+                "success": ev.success,
+                "success_by_task": ev.success_by_task,
+                "episodes": ev.episodes,
+                "eval_seconds": ev.seconds,
+            }
+        )
+        return ev
 
     def _checkpoint(self, name: str, step: int, metrics: dict[str, Any]) -> None:
         checkpoint_learner(self.config.run_dir, self.learner, name, step, metrics)

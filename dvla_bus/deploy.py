@@ -11,13 +11,14 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from dvla_bus.errors import ConfigError
 from dvla_bus.node import NodeConfig
 from dvla_bus.security import Credentials, load_credentials
-from dvla_bus.topology import NodePlacement, Topology
+from dvla_bus.topology import NodePlacement, Scalar, Topology, load_topology
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +27,11 @@ __all__ = [
     "child_specs",
     "control_endpoint",
     "credentials",
+    "load_job_topology",
     "local_host",
     "make_run_dir",
     "node_config",
+    "settings_overrides",
 ]
 
 #: Environment variable through which a launcher overrides the control hub's endpoint.
@@ -38,6 +41,37 @@ ENV_CONTROL: str = "DVLA_CONTROL_ENDPOINT"
 ENV_ADDRESS: str = "DVLA_HOST_ADDRESS"
 #: Set by the supervisor in each child: the child stops when this process is gone.
 ENV_SUPERVISOR: str = "DVLA_SUPERVISOR_PID"
+#: Set by ``dvla up`` in each child: role settings that override the topology file's
+#: (``--minutes``, ``--set``, ``--resume``), as JSON ``{"role": {"key": value}}``.
+ENV_SETTINGS: str = "DVLA_SETTINGS"
+
+
+def settings_overrides() -> dict[str, dict[str, Scalar]]:
+    """The role-setting overrides of this job (:data:`ENV_SETTINGS`), validated."""
+    raw = os.environ.get(ENV_SETTINGS, "")
+    if not raw:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ConfigError(f"${ENV_SETTINGS}: not JSON: {exc}") from None
+    out: dict[str, dict[str, Scalar]] = {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"${ENV_SETTINGS}: expected an object of role tables")
+    for role, table in doc.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"${ENV_SETTINGS}: {role}: expected an object of settings")
+        for key, value in table.items():
+            if not isinstance(value, str | int | float | bool):
+                raise ConfigError(f"${ENV_SETTINGS}: {role}.{key}: expected a scalar")
+        out[str(role)] = dict(table)
+    return out
+
+
+def load_job_topology(path: str | Path, known_roles: Iterable[str] | None = None) -> Topology:
+    """The topology as this job sees it: the file plus ``dvla up``'s setting overrides. Nodes
+    that read another role's settings (a sampler reading ``[roles.learner]``) use this too."""
+    return load_topology(path, known_roles, settings_overrides())
 
 
 def make_run_dir(topology: Topology, root: Path | None = None, name: str | None = None) -> Path:
@@ -136,9 +170,38 @@ class ChildSpec:
 
 
 def child_specs(
-    topology: Topology, host: str, run_dir: Path, grace: float = 5.0
+    topology: Topology,
+    host: str,
+    run_dir: Path,
+    grace: float = 5.0,
+    *,
+    overrides: Mapping[str, Mapping[str, Scalar]] | None = None,
+    serial: bool = False,
 ) -> list[ChildSpec]:
-    """One :class:`ChildSpec` per node the topology places on ``host`` (hub first)."""
+    """One :class:`ChildSpec` per node the topology places on ``host`` (hub first); with
+    ``serial``, one process that runs all of them on one event loop (for debugging)."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if overrides:
+        env[ENV_SETTINGS] = json.dumps(overrides)
+    if serial:
+        argv: tuple[str, ...] = (
+            sys.executable,
+            "-m",
+            "dvla_tools",
+            "node",
+            "start",
+            "--all",
+            "--topology",
+            str(Path(topology.file).resolve()),
+            "--host",
+            host,
+            "--run-dir",
+            str(run_dir),
+            "--grace",
+            str(grace),
+        )
+        name = f"serial.{host}"
+        return [ChildSpec(name, "serial", argv, env, run_dir / "logs" / f"{name}.log")]
     specs = []
     for p in topology.placements(host):
         # A role may run under another interpreter (e.g. a simulator's own venv with dvla
@@ -162,8 +225,9 @@ def child_specs(
             "--grace",
             str(grace),
         )
-        env = {"PYTHONUNBUFFERED": "1"}
-        specs.append(ChildSpec(p.node_id, p.role, argv, env, run_dir / "logs" / f"{p.node_id}.log"))
+        specs.append(
+            ChildSpec(p.node_id, p.role, argv, dict(env), run_dir / "logs" / f"{p.node_id}.log")
+        )
     return specs
 
 

@@ -36,7 +36,7 @@ from dvla_bus.sockets import open_context
 from dvla_bus.transport import Inbox, open_inbox
 from dvla_bus.watchdog import Watchdog, dump_stacks
 
-__all__ = ["Node", "NodeConfig", "run_node", "set_parent_death_signal"]
+__all__ = ["Node", "NodeConfig", "run_node", "run_nodes", "set_parent_death_signal"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,11 @@ class Node:
         self._stop_requested = asyncio.Event()
 
     # --- the three phases ----------------------------------------------------------------
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, wire.Scalar]) -> None:
+        """Validate this role's ``[roles.<role>]`` settings before any process starts
+        (``dvla up``); raise :class:`~dvla_bus.errors.ConfigError` saying what is wrong."""
 
     async def setup(self) -> None:
         """Acquire resources (enter them on ``self.resources``); runs before joining."""
@@ -248,11 +253,12 @@ async def _watch_parent(expected_parent: int, node: Node) -> None:
             return
 
 
-async def _serve(node: Node, parent: int | None) -> int:
+async def _serve(node: Node, parent: int | None, *, signals: bool = True) -> int:
     cfg = node.config
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, node.request_stop)
+    if signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.request_stop)
     status = 0
     run_task: asyncio.Task[None] | None = None
     try:
@@ -313,9 +319,27 @@ async def _serve(node: Node, parent: int | None) -> int:
         node.log.exception("%s failed", cfg.node_id)
         status = 1
     finally:
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    return status
+
+
+async def _serve_all(nodes: list[Node], parent: int | None) -> int:
+    loop = asyncio.get_running_loop()
+
+    def stop_all() -> None:
+        for node in nodes:
+            node.request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_all)
+    try:
+        statuses = await asyncio.gather(*(_serve(n, parent, signals=False) for n in nodes))
+    finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-    return status
+    return max(statuses, default=0)
 
 
 _guard_armed = False
@@ -344,6 +368,13 @@ def _arm_hang_guard(grace: float) -> None:
 
 def run_node(node: Node, *, parent: int | None = None) -> int:
     """Run ``node`` to completion in a fresh event loop; returns the process exit status."""
+    return run_nodes([node], parent=parent)
+
+
+def run_nodes(nodes: list[Node], *, parent: int | None = None) -> int:
+    """Run several nodes on one event loop in this process (``dvla up --serial``: every role of
+    a host in one process, for debugging) until all have finished; SIGTERM stops them all.
+    Returns the worst exit status."""
     global _guard_armed
     _guard_armed = False
     try:
@@ -354,6 +385,8 @@ def run_node(node: Node, *, parent: int | None = None) -> int:
         runner = asyncio.Runner()
     try:
         with runner:
-            return runner.run(_serve(node, parent))
+            if len(nodes) == 1:
+                return runner.run(_serve(nodes[0], parent))
+            return runner.run(_serve_all(nodes, parent))
     finally:
         faulthandler.cancel_dump_traceback_later()

@@ -883,8 +883,15 @@ def parse_topology(
     return _Checker(raw, file, known).run()
 
 
-def load_topology(path: str | Path, known_roles: Iterable[str] | None = None) -> Topology:
-    """Read and validate a topology file; raises :class:`TopologyError` naming file and key."""
+def load_topology(
+    path: str | Path,
+    known_roles: Iterable[str] | None = None,
+    overrides: Mapping[str, Mapping[str, Scalar]] | None = None,
+) -> Topology:
+    """Read and validate a topology file; raises :class:`TopologyError` naming file and key.
+
+    ``overrides`` (role -> key -> value, e.g. from ``dvla up --minutes``) replace or add
+    ``[roles.<role>]`` settings before validation, so they are checked like the file's own."""
     file = str(path)
     try:
         text = Path(path).read_text()
@@ -894,4 +901,13 @@ def load_topology(path: str | Path, known_roles: Iterable[str] | None = None) ->
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TopologyError(file, "", f"not valid TOML: {exc}") from None
+    if overrides:
+        roles = data.setdefault("roles", {})
+        if not isinstance(roles, dict):
+            raise TopologyError(file, "roles", "must be a table of role settings")
+        for role, settings in overrides.items():
+            table = roles.setdefault(role, {})
+            if not isinstance(table, dict):
+                raise TopologyError(file, f"roles.{role}", "must be a table")
+            table.update(settings)
     return parse_topology(data, file, known_roles)

@@ -13,7 +13,7 @@ import numpy as np
 
 from dvla_nodes.learn.rollout import Episodes
 from dvla_nodes.pipeline import episodes_from_arrays, episodes_to_arrays, train_config
-from tests.helpers import hub_status, members_by_node, spawn, stop, wait_for
+from tests.helpers import dvla, hub_status, members_by_node, spawn, stop, wait_for
 
 
 def test_episodes_round_trip_through_message_arrays() -> None:
@@ -153,3 +153,66 @@ def test_killed_learner_resumes_from_its_last_checkpoint(short_tmp: Path) -> Non
     assert after[0]["iteration"] >= 3
     assert records[-1]["kind"] == "final"
     assert json.loads((short_tmp / "final.json").read_text())["version"] > before
+
+
+def test_serial_mode_then_resume_continues_versions(short_tmp: Path) -> None:
+    """``dvla up --serial`` runs every node in one process from the same code and topology;
+    ``dvla up --resume RUN_DIR --minutes N`` then continues that run in separate processes from
+    its final checkpoint: no second warm start, versions continue."""
+    topo = _pipeline_topology(short_tmp, "minutes = 5.0\neval_every = 0")
+    args = ["up", str(topo), "--run-dir", str(short_tmp), "--status-every", "0", "--serial"]
+    up = spawn([*args, "--minutes", "0.3"], short_tmp / "up.out")
+    try:
+        assert up.wait(timeout=150) == 0, (short_tmp / "up.out").read_text()[-3000:]
+    finally:
+        stop(up)
+    logs = sorted(p.name for p in (short_tmp / "logs").glob("*.log"))
+    assert logs == ["serial.h.log", "supervisor.log"], logs  # one process for every node
+    first = json.loads((short_tmp / "final.json").read_text())
+    assert first["step"] >= 1
+    assert first["config"]["minutes"] == 0.3  # --minutes reached the learner
+
+    up = spawn(
+        ["up", str(topo), "--resume", str(short_tmp), "--minutes", "0.25", "--status-every", "0"],
+        short_tmp / "up2.out",
+    )
+    try:
+        assert up.wait(timeout=150) == 0, (short_tmp / "up2.out").read_text()[-3000:]
+    finally:
+        stop(up)
+    out = (short_tmp / "up2.out").read_text()
+    assert "held-out evaluation" in out
+    records = [json.loads(line) for line in (short_tmp / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if r["kind"] == "bc"]) == 1
+    finals = [r for r in records if r["kind"] == "final"]
+    assert len(finals) == 2
+    second = json.loads((short_tmp / "final.json").read_text())
+    assert second["version"] > first["version"]
+    assert second["step"] > first["step"]
+    resumed = [r for r in records if r["kind"] == "train" and r["version"] > first["version"]]
+    assert resumed
+    assert resumed[0]["iteration"] == first["step"] + 1
+
+
+def test_up_rejects_bad_overrides_and_resume_without_checkpoint(short_tmp: Path) -> None:
+    topo = _pipeline_topology(short_tmp)
+    bad = dvla("up", str(topo), "--set", "learner.minutes")
+    assert bad.returncode == 2
+    assert "ROLE.KEY=VALUE" in bad.stderr
+    empty = short_tmp / "empty"
+    empty.mkdir()
+    none = dvla("up", str(topo), "--resume", str(empty))
+    assert none.returncode == 2
+    assert "no latest.json or final.json" in none.stderr
+    # A setting the role rejects stops the launch before any process starts, naming the key.
+    wrong = dvla("up", str(topo), "--set", "learner.group_size=1")
+    assert wrong.returncode == 2
+    assert "roles.learner" in wrong.stderr
+    assert "group_size=1" in wrong.stderr
+
+
+def test_parse_overrides_reads_toml_values() -> None:
+    from dvla_tools.cmd_up import parse_overrides
+
+    got = parse_overrides(["learner.minutes=2.5", "learner.tasks=reach-red", "sampler.x=true"])
+    assert got == {"learner": {"minutes": 2.5, "tasks": "reach-red"}, "sampler": {"x": True}}

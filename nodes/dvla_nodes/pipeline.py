@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from dvla_bus import wire
+from dvla_bus.deploy import load_job_topology
 from dvla_bus.errors import ConfigError, DvlaError
 from dvla_bus.node import Node
 from dvla_bus.sockets import open_context
-from dvla_bus.topology import load_topology
 from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
 from dvla_bus.weights import Manifest, WeightPool, WeightReader, attach_weights, create_weight_pool
 from dvla_nodes.envs.tasks import MAX_STEPS
@@ -149,6 +149,10 @@ class LearnerNode(Node):
 
     inbox: Inbox
     pool: WeightPool
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, wire.Scalar]) -> None:
+        train_config(settings)
 
     async def setup(self) -> None:
         cfg = self.config
@@ -390,7 +394,7 @@ class SamplerNode(Node):
 
     async def setup(self) -> None:
         cfg = self.config
-        topology = load_topology(cfg.topology_file) if cfg.topology_file else None
+        topology = load_job_topology(cfg.topology_file) if cfg.topology_file else None
         learner_settings = topology.settings("learner") if topology else {}
         self.train = train_config({**learner_settings, **cfg.settings})
         torch.set_num_threads(1)
@@ -493,7 +497,11 @@ class SamplerNode(Node):
                             shards, assignments, policy, version=version, bins=t.bins
                         )
 
+                t_roll = time.perf_counter()
                 eps = await loop.run_in_executor(None, roll)
+                self.gauges["env_steps_per_s"] = eps.num_steps / max(
+                    1e-9, time.perf_counter() - t_roll
+                )
                 meta, arrays = episodes_to_arrays(eps)
                 await self.outbox.send(meta, arrays, topic=TOPIC, timeout=120)
                 self.counters["groups_sent"] = self.counters.get("groups_sent", 0) + 1

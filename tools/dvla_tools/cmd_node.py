@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dvla_bus.deploy import ENV_SUPERVISOR, node_config
+from dvla_bus.deploy import ENV_SUPERVISOR, load_job_topology, node_config
 from dvla_bus.errors import ConfigError
-from dvla_bus.node import run_node, set_parent_death_signal
+from dvla_bus.node import run_nodes, set_parent_death_signal
 from dvla_bus.reaper import reap
-from dvla_bus.topology import NodePlacement, load_topology
+from dvla_bus.topology import NodePlacement
 from dvla_nodes.roles import ROLES, known_roles, load_role
 
 
@@ -30,7 +30,13 @@ def register(sub: Any, name: str, help_text: str) -> None:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     start = verbs.add_parser("start", help="start one node and run it until stopped")
-    start.add_argument("--role", required=True, help=f"one of: {', '.join(known_roles())}")
+    which = start.add_mutually_exclusive_group(required=True)
+    which.add_argument("--role", help=f"one of: {', '.join(known_roles())}")
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="every node the topology places on --host, in this one process (dvla up --serial)",
+    )
     start.add_argument("--topology", required=True, type=Path, help="topology TOML file")
     start.add_argument("--host", required=True, help="this machine's host name in the topology")
     start.add_argument("--index", type=int, default=0, help="which node of this role (default 0)")
@@ -56,29 +62,32 @@ def _start(args: argparse.Namespace) -> int:
     parent = int(supervisor) if supervisor else None
     if parent is not None and not set_parent_death_signal(parent):
         return 0  # the supervisor died before we got going
-    if args.role not in ROLES:
+    if args.role is not None and args.role not in ROLES:
         raise ConfigError(f"unknown role {args.role!r}; known roles: {', '.join(known_roles())}")
-    topology = load_topology(args.topology, known_roles())
+    topology = load_job_topology(args.topology, known_roles())
     host = topology.host(args.host)
-    count = host.roles.get(args.role, 0)
-    if not 0 <= args.index < max(count, 1):
-        raise ConfigError(
-            f"{topology.file}: host {host.name!r} runs {count} {args.role!r} node(s); "
-            f"--index {args.index} is out of range"
-        )
+    if args.all:
+        placements = topology.placements(host.name)
+    else:
+        count = host.roles.get(args.role, 0)
+        if not 0 <= args.index < max(count, 1):
+            raise ConfigError(
+                f"{topology.file}: host {host.name!r} runs {count} {args.role!r} node(s); "
+                f"--index {args.index} is out of range"
+            )
+        placements = [NodePlacement(args.role, host.name, args.index)]
     run_dir = (args.run_dir or Path("runs") / f"adhoc-{host.name}").resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     if args.control:
         os.environ["DVLA_CONTROL_ENDPOINT"] = args.control
-    cfg = node_config(
-        topology, NodePlacement(args.role, host.name, args.index), run_dir, args.grace
-    )
+    configs = [node_config(topology, p, run_dir, args.grace) for p in placements]
+    label = configs[0].node_id if len(configs) == 1 else f"serial.{host.name}"
     logging.basicConfig(
         level=args.log_level.upper(),
-        format=f"%(asctime)s {cfg.node_id} %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {label} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     # Clean up after any earlier incarnation killed with SIGKILL before taking new memory.
     reap()
-    node = load_role(args.role)(cfg)
-    return run_node(node, parent=parent)
+    nodes = [load_role(cfg.role)(cfg) for cfg in configs]
+    return run_nodes(nodes, parent=parent)

@@ -17,6 +17,7 @@ import logging
 import signal
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,11 @@ from dvla_bus.deploy import (
     make_run_dir,
     write_run_config,
 )
-from dvla_bus.errors import DeadlineExceeded
+from dvla_bus.errors import ConfigError, DeadlineExceeded
 from dvla_bus.lanes import merge_traces, summarize_trace
 from dvla_bus.supervisor import ChildStatus, Supervisor
 from dvla_bus.topology import load_topology
-from dvla_nodes.roles import known_roles
+from dvla_nodes.roles import known_roles, load_role
 
 
 def register(sub: Any, name: str, help_text: str) -> None:
@@ -53,46 +54,163 @@ def register(sub: Any, name: str, help_text: str) -> None:
         "--status-every", type=float, default=5.0, help="seconds between plain status prints"
     )
     parser.add_argument("--backoff-max", type=float, default=10.0, help="restart backoff cap, s")
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help="training budget in minutes (the learner's `minutes`; with --resume: minutes more)",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest checkpoint, version numbers intact",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ROLE.KEY=VALUE",
+        help="override a [roles.ROLE] setting (VALUE in TOML syntax; bare words are strings)",
+    )
+    parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="run every node of this host in one process, one event loop (for debugging)",
+    )
     parser.set_defaults(func=_up)
 
 
-def _fmt_stats(member: wire.MemberInfo | None) -> str:
-    if member is None:
-        return ""
-    parts = [f"{k}={v:.3g}" for k, v in sorted(member.gauges.items())]
-    parts += [
-        f"{k}={v}"
-        for k, v in sorted(member.counters.items())
-        if not k.startswith(("control.", "hub.received", "hub.broadcast"))
-    ]
-    return " ".join(parts[:8])
+def parse_overrides(items: list[str]) -> dict[str, dict[str, wire.Scalar]]:
+    """``["learner.minutes=5", "sampler.suite=metaworld"]`` -> role -> key -> value."""
+    out: dict[str, dict[str, wire.Scalar]] = {}
+    for item in items:
+        target, eq, text = item.partition("=")
+        role, dot, key = target.partition(".")
+        if not (eq and dot and role and key):
+            raise ConfigError(f"--set {item!r}: expected ROLE.KEY=VALUE")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        if not isinstance(value, str | int | float | bool):
+            raise ConfigError(f"--set {item!r}: VALUE must be a string, number or boolean")
+        out.setdefault(role, {})[key] = value
+    return out
+
+
+def _resume_point(run_dir: Path) -> dict[str, Any]:
+    """The metadata of the newest checkpoint in ``run_dir`` (exit 2 if there is none)."""
+    best: dict[str, Any] | None = None
+    for name in ("latest", "final"):
+        path = run_dir / f"{name}.json"
+        if not path.exists():
+            continue
+        try:
+            meta = json.loads(path.read_text())
+            key = (int(meta["version"]), int(meta["step"]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: not a dvla checkpoint: {exc}") from None
+        if best is None or key > (int(best["version"]), int(best["step"])):
+            best = meta
+    if best is None:
+        raise ConfigError(f"--resume {run_dir}: no latest.json or final.json checkpoint there")
+    return best
+
+
+_LANE_ABBREV = {"sampling": "samp", "inference": "inf", "gradient": "grad", "distribution": "dist"}
+
+
+def _lanes(member: wire.MemberInfo) -> str:
+    parts = []
+    for key, frac in sorted(member.gauges.items()):
+        if key.startswith("lane.") and key.endswith(".busy"):
+            lane = key[len("lane.") : -len(".busy")]
+            parts.append(f"{_LANE_ABBREV.get(lane, lane)} {frac:.0%}")
+    return " ".join(parts)
+
+
+def _drops(member: wire.MemberInfo) -> str:
+    c = member.counters
+    dropped = sum(v for k, v in c.items() if "drop" in k and not k.startswith("control."))
+    stale = c.get("stale_groups", 0) + c.get("future_groups", 0)
+    return f"{dropped}/{stale}" if dropped or stale else "-"
+
+
+def _gauge(member: wire.MemberInfo | None, key: str, fmt: str) -> str:
+    if member is None or key not in member.gauges:
+        return "-"
+    return format(member.gauges[key], fmt)
 
 
 def _table(
     rows: list[ChildStatus], status: wire.Status | None, run_dir: Path, started: float
 ) -> Table:
+    """One row per supervised process and per hub member not supervised here (the nodes of a
+    ``--serial`` process, nodes on other hosts): version and its lag behind the newest, rolling
+    (``success``) and evaluation success, environment steps/s, lane utilisation, and
+    drops/stale groups."""
     members = {m.node: m for m in status.members} if status else {}
+    latest = status.latest_version if status else -1
     title = f"dvla up — {run_dir.name} — {time.monotonic() - started:.0f}s"
     if status is not None:
-        title += f" — latest version {status.latest_version}"
+        title += f" — latest version {latest}"
     else:
         title += " — control hub not reachable yet"
     table = Table(title=title, expand=False)
-    for col in ("node", "pid", "state", "restarts", "heartbeat", "version"):
+    for col in ("node", "pid", "state", "restarts", "heartbeat", "version", "lag"):
         table.add_column(col, no_wrap=True)
-    table.add_column("stats")
-    for row in rows:
-        m = members.get(row.name)
-        state = row.state if m is None or row.state != "running" else m.state
+    for col in ("success", "eval", "steps/s", "lanes busy", "drops/stale"):
+        table.add_column(col, no_wrap=True)
+    listed: list[tuple[str, ChildStatus | None]] = [(row.name, row) for row in rows]
+    listed += [(name, None) for name in sorted(members) if name not in {r.name for r in rows}]
+    for name, row in listed:
+        m = members.get(name)
+        if row is not None:
+            state = row.state if m is None or row.state != "running" else m.state
+            pid, restarts = str(row.pid or "-"), str(row.restarts)
+        else:
+            assert m is not None
+            state, pid, restarts = m.state, str(m.pid), "-"
+        version = m.weight_version if m else -1
         table.add_row(
-            row.name,
-            str(row.pid or "-"),
+            name,
+            pid,
             state,
-            str(row.restarts),
+            restarts,
             f"{m.heartbeat_age:.1f}s" if m else "-",
-            str(m.weight_version) if m else "-",
-            _fmt_stats(m),
+            str(version) if m and version >= 0 else "-",
+            str(latest - version) if m and version >= 0 and latest >= 0 else "-",
+            _gauge(m, "success", ".0%"),
+            _gauge(m, "eval_success", ".0%"),
+            _gauge(m, "env_steps_per_s", ".0f"),
+            _lanes(m) if m else "",
+            _drops(m) if m else "-",
         )
+    return table
+
+
+def _final_table(run_dir: Path) -> Table | None:
+    """The held-out evaluation at the end of training (``metrics.jsonl``'s final record)."""
+    path = run_dir / "metrics.jsonl"
+    final: dict[str, Any] | None = None
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("kind") == "final":
+                    final = record
+    if final is None:
+        return None
+    table = Table(
+        title="held-out evaluation",
+        caption=f"version {final.get('version')}, {final.get('episodes', '?')} episodes",
+        expand=False,
+    )
+    table.add_column("task")
+    table.add_column("success", justify="right")
+    for task, value in sorted(final.get("success_by_task", {}).items()):
+        table.add_row(task, f"{value:.0%}")
+    table.add_row("[bold]mean[/bold]", f"[bold]{final.get('success', 0.0):.1%}[/bold]")
     return table
 
 
@@ -104,15 +222,33 @@ async def _poll_hub(client: ControlClient, box: list[wire.Status | None]) -> Non
 
 
 async def _main(args: argparse.Namespace) -> int:
-    topology = load_topology(args.file, known_roles())
+    overrides = parse_overrides(args.set)
+    if args.resume is not None:
+        if args.run_dir is not None:
+            raise ConfigError("--resume RUN_DIR already names the run directory; drop --run-dir")
+        args.run_dir = args.resume
+        point = _resume_point(args.resume.resolve())
+        elapsed = float(point.get("metrics", {}).get("elapsed", 0.0))
+        if args.minutes is not None:  # minutes more, on top of the training time so far
+            overrides.setdefault("learner", {})["minutes"] = elapsed / 60.0 + args.minutes
+    elif args.minutes is not None:
+        overrides.setdefault("learner", {})["minutes"] = args.minutes
+    topology = load_topology(args.file, known_roles(), overrides)
     host = local_host(topology, args.host)
+    for role in sorted({p.role for p in topology.placements(host)}):
+        try:
+            load_role(role).check_settings(topology.settings(role))
+        except (ConfigError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{topology.file}: roles.{role}: {exc}") from None
     if args.run_dir:
         run_dir = args.run_dir.resolve()
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     else:
         run_dir = make_run_dir(topology, name=args.name)
     write_run_config(run_dir, topology, host)
-    specs = child_specs(topology, host, run_dir, args.grace)
+    specs = child_specs(
+        topology, host, run_dir, args.grace, overrides=overrides, serial=args.serial
+    )
     live_mode = sys.stdout.isatty()
     console = Console() if live_mode else Console(width=160)
     logging.basicConfig(
@@ -163,6 +299,11 @@ async def _main(args: argparse.Namespace) -> int:
         loop.remove_signal_handler(sig)
     console.print(_table(supervisor.status(), box[0], run_dir, started))
     _collect_trace(run_dir, event)
+    final = _final_table(run_dir)
+    if final is not None:
+        console.print(final)
+        if (run_dir / "success.png").exists():
+            event(f"success curve: {run_dir / 'success.png'}")
     event("stopped")
     return code
 

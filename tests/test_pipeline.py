@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from dvla_nodes.learn.rollout import Episodes
-from dvla_nodes.pipeline import episodes_from_arrays, episodes_to_arrays, train_config
+from dvla_nodes.pipeline import (
+    episodes_from_arrays,
+    episodes_to_arrays,
+    train_config,
+    training_seed,
+)
 from tests.helpers import dvla, hub_status, members_by_node, spawn, stop, wait_for
 
 
@@ -44,6 +49,43 @@ def test_episodes_round_trip_through_message_arrays() -> None:
     for name in ("images", "proprio", "tokens", "logp", "episode", "seeds", "version"):
         np.testing.assert_array_equal(getattr(back, name), getattr(ep, name))
     assert e == back.num_episodes
+
+
+def test_groups_from_different_samplers_stay_separate_groups() -> None:
+    """The learner concatenates groups that each sampler numbered 0: GRPO must still normalise
+    advantages within each group, never across tasks (a bug once made 8 groups one)."""
+
+    def group(task: str, n: int) -> Episodes:
+        return Episodes(
+            images=np.zeros((n, 2, 2, 3), np.uint8),
+            proprio=np.zeros((n, 1), np.float32),
+            state=np.zeros((n, 1), np.float32),
+            tokens=np.zeros((n, 4), np.int64),
+            logp=np.zeros((n, 4), np.float32),
+            episode=np.arange(n, dtype=np.int32),
+            tasks=(task,) * n,
+            seeds=np.zeros(n, np.int64),
+            instructions=(task,) * n,
+            success=np.zeros(n, bool),
+            length=np.ones(n, np.int64),
+            shaping=np.zeros(n, np.float32),
+            version=np.ones(n, np.int64),
+            group=np.zeros(n, np.int64),
+        )
+
+    batch = Episodes.concat([group("reach-red", 3), group("push-blue-yellow", 2), group("a", 1)])
+    assert batch.group.tolist() == [0, 0, 0, 1, 1, 2]
+    assert batch.episode.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_sampler_training_seeds_never_reach_demo_or_held_out_seeds() -> None:
+    from dvla_nodes.learn.config import DEMO_SEED_BASE
+
+    seeds = {
+        training_seed(s, i, k) for s in (0, 7) for i in range(64) for k in range(0, 10**6, 997)
+    }
+    assert max(seeds) < DEMO_SEED_BASE
+    assert training_seed(0, 0, 1) != training_seed(0, 1, 1)
 
 
 def test_train_config_from_topology_settings() -> None:

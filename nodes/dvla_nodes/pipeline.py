@@ -45,7 +45,7 @@ from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
 from dvla_bus.weights import Manifest, WeightPool, WeightReader, attach_weights, create_weight_pool
 from dvla_nodes.envs.tasks import MAX_STEPS
 from dvla_nodes.learn.checkpoint import Checkpoint, load_checkpoint, restore_moments
-from dvla_nodes.learn.config import TrainConfig
+from dvla_nodes.learn.config import DEMO_SEED_BASE, EVAL_SEED_BASE, TrainConfig
 from dvla_nodes.learn.learner import Learner, episode_rewards
 from dvla_nodes.learn.metrics import MetricsLog, plot_success, read_metrics
 from dvla_nodes.learn.rollout import Assignment, Episodes, Shard, run_episodes
@@ -70,6 +70,8 @@ __all__ = [
 ]
 
 TOPIC = "trajectories"
+TRAIN_SEED_SPAN = 400_000
+assert TRAIN_SEED_SPAN <= DEMO_SEED_BASE < EVAL_SEED_BASE
 SEP = "\x1f"  # unit separator: joins task names and instructions in message metadata
 
 
@@ -94,6 +96,13 @@ def train_config(settings: Mapping[str, wire.Scalar]) -> TrainConfig:
         else:  # tuple[str, ...]: comma-separated
             changes[f.name] = tuple(s.strip() for s in str(value).split(",") if s.strip())
     return dataclasses.replace(TrainConfig(display=False), **changes)
+
+
+def training_seed(run_seed: int, sampler: int, k: int) -> int:
+    """The environment seed of sampler ``sampler``'s ``k``-th group: below
+    :data:`DEMO_SEED_BASE` (and so far below the held-out :data:`EVAL_SEED_BASE`, never trained
+    on); each sampler starts in its own stretch."""
+    return (sampler * 100_003 + run_seed * 7_919 + k) % TRAIN_SEED_SPAN
 
 
 # --- episodes on the wire ----------------------------------------------------------------------
@@ -472,7 +481,8 @@ class SamplerNode(Node):
         t = self.train
         loop = asyncio.get_running_loop()
         rng = np.random.default_rng(t.seed + 7919 * (self.config.index + 1))
-        seed = 1_000_000 * (self.config.index + 1)
+        groups = 0
+        recent = dict.fromkeys(t.tasks, 0.5)  # recent success per task, this sampler's groups
         with open_shards(t.group_size, 1, t.image_size) as shards:
             while True:
                 await self.wait_unpaused()
@@ -480,8 +490,14 @@ class SamplerNode(Node):
                 if self.version < 1 or not self.outbox.statistics().peers:
                     await asyncio.sleep(0.2)
                     continue
-                task = t.tasks[int(rng.integers(len(t.tasks)))]
-                seed += 1
+                # Tasks whose groups are most likely to differ in outcome are sampled most,
+                # as in the serial trainer: sqrt(p (1 - p)) + task_floor.
+                weights = np.array(
+                    [np.sqrt(recent[x] * (1.0 - recent[x])) + t.task_floor for x in t.tasks]
+                )
+                task = t.tasks[int(rng.choice(len(t.tasks), p=weights / weights.sum()))]
+                groups += 1
+                seed = training_seed(t.seed, self.config.index, groups)
                 assignments = [Assignment(task, seed, 0)] * t.group_size
                 version = self.version
 
@@ -506,3 +522,4 @@ class SamplerNode(Node):
                 await self.outbox.send(meta, arrays, topic=TOPIC, timeout=120)
                 self.counters["groups_sent"] = self.counters.get("groups_sent", 0) + 1
                 self.gauges["success"] = float(eps.success.mean())
+                recent[task] = 0.7 * recent[task] + 0.3 * float(eps.success.mean())

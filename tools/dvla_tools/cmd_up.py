@@ -250,7 +250,7 @@ async def _main(args: argparse.Namespace) -> int:
         topology, host, run_dir, args.grace, overrides=overrides, serial=args.serial
     )
     live_mode = sys.stdout.isatty()
-    console = Console() if live_mode else Console(width=160)
+    console = Console() if live_mode else Console(width=200)
     logging.basicConfig(
         level=logging.INFO,
         filename=run_dir / "logs" / "supervisor.log",

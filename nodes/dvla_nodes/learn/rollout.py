@@ -104,7 +104,12 @@ class Episodes:
 
     @staticmethod
     def concat(parts: Sequence[Episodes]) -> Episodes:
+        """Episodes of all ``parts``, in order. Group ids stay distinct: each part's groups are
+        renumbered past the previous parts' (two samplers' group 0 are two GRPO groups)."""
         offsets = np.cumsum([0, *(p.num_episodes for p in parts)])
+        group_offsets = np.cumsum(
+            [0, *((int(p.group.max()) + 1 if len(p.group) else 0) for p in parts)]
+        )
         return Episodes(
             images=np.concatenate([p.images for p in parts]),
             proprio=np.concatenate([p.proprio for p in parts]),
@@ -119,7 +124,7 @@ class Episodes:
             length=np.concatenate([p.length for p in parts]),
             shaping=np.concatenate([p.shaping for p in parts]),
             version=np.concatenate([p.version for p in parts]),
-            group=np.concatenate([p.group for p in parts]),
+            group=np.concatenate([p.group + o for p, o in zip(parts, group_offsets, strict=False)]),
         )
 
 

@@ -19,6 +19,8 @@ BENCHES: tuple[tuple[str, str], ...] = (
     ("envs", "environment steps/s bare and through dvla"),
     ("chaos", "training while nodes are killed"),
     ("fuzz", "hostile messages at every endpoint of a live deployment"),
+    ("memory", "node memory while the learner is slowed: bounded queues, counted drops"),
+    ("vram", "GPU weight slots and trajectory slabs against naive allocation (GPU only)"),
 )
 
 

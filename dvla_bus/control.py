@@ -19,6 +19,13 @@ I/O thread) and sockets, so data traffic never queues in front of a control mess
   announced one.
 * :class:`~dvla_bus.wire.Query` needs no membership: the hub answers with a
   :class:`~dvla_bus.wire.Status` (the inspection tools and the supervisor use it).
+* The membership table is bounded: the hub admits at most ``max_nodes`` members. A Join under
+  a new name when the table is full first evicts the longest-dead member; if none is dead, the
+  Join is refused, counted (``joins_refused``) and answered with a
+  :class:`~dvla_bus.wire.NodeDead` naming the joiner, its reason starting with
+  :data:`REFUSED` (the joiner logs it and keeps
+  trying, so it is admitted once a place frees up). A new incarnation of a known name always
+  takes its old row.
 
 The hub never blocks on a slow or vanished member: fan-out uses non-blocking sends, and a message
 that cannot be queued is dropped and counted.
@@ -47,6 +54,8 @@ from dvla_bus.security import Credentials, client_options, is_remote, zap_statis
 from dvla_bus.sockets import Channel, bound_endpoint, open_context, open_socket
 
 __all__ = [
+    "DEFAULT_MAX_NODES",
+    "REFUSED",
     "ControlClient",
     "ControlHub",
     "HubConfig",
@@ -62,16 +71,28 @@ log = logging.getLogger(__name__)
 CONTROL_MAX_MESSAGE: Final = 4 * 1024 * 1024
 CONTROL_TOPIC: Final = "control"
 HWM: Final = 10_000
+#: Members a hub admits unless configured otherwise (``[control] max_nodes``).
+DEFAULT_MAX_NODES: Final = 4096
+#: How the ``reason`` of a :class:`~dvla_bus.wire.NodeDead` answering a refused Join starts.
+REFUSED: Final = "refused:"
+#: Seconds between log lines about refused joins (each refusal is counted).
+_REFUSAL_LOG_EVERY_S: Final = 10.0
 
 
 @dataclass(frozen=True, slots=True)
 class HubConfig:
-    """Where the hub listens and its heartbeat contract (seconds)."""
+    """Where the hub listens, its heartbeat contract (seconds) and how many members it admits
+    (rows of the membership table, dead ones included until evicted)."""
 
     endpoint: str
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 5.0
     credentials: Credentials | None = None  # CURVE on tcp:// endpoints when given
+    max_nodes: int = DEFAULT_MAX_NODES
+
+    def __post_init__(self) -> None:
+        if self.max_nodes < 1:
+            raise ValueError(f"max_nodes must be >= 1, got {self.max_nodes}")
 
 
 @dataclass(slots=True)
@@ -115,6 +136,7 @@ class ControlHub:
         self.counters: Counter[str] = Counter()
         self._members: dict[str, _Member] = {}
         self._started = time.monotonic()
+        self._refusal_logged = -_REFUSAL_LOG_EVERY_S
 
     # --- queries -------------------------------------------------------------------------
 
@@ -166,6 +188,9 @@ class ControlHub:
         match msg:
             case wire.Join():
                 old = self._members.get(msg.node)
+                if old is None and not self._make_room():
+                    await self._refuse(peer, msg)
+                    return
                 self._members[msg.node] = _Member(
                     join=msg,
                     peer=peer,
@@ -238,6 +263,39 @@ class ControlHub:
                 )
             case _:
                 self.channel.count_drop("unexpected", f"a hub does not accept {type(msg).__name__}")
+
+    def _make_room(self) -> bool:
+        """True when a new member fits: the table has room, or a dead row was evicted (the
+        one silent the longest)."""
+        if len(self._members) < self.config.max_nodes:
+            return True
+        dead = [m for m in self._members.values() if m.state == "dead"]
+        if not dead:
+            return False
+        oldest = min(dead, key=lambda m: m.last_seen)
+        del self._members[oldest.join.node]
+        self.counters["members.evicted"] += 1
+        return True
+
+    async def _refuse(self, peer: bytes, join: wire.Join) -> None:
+        self.counters["joins_refused"] += 1
+        reason = (
+            f"{REFUSED} the hub admits at most {self.config.max_nodes} members "
+            "([control] max_nodes) and none of them is dead"
+        )
+        now = time.monotonic()
+        if now - self._refusal_logged >= _REFUSAL_LOG_EVERY_S:
+            self._refusal_logged = now
+            log.warning(
+                "hub: %s (pid %d) %s (%d refused so far)",
+                join.node,
+                join.pid,
+                reason,
+                self.counters["joins_refused"],
+            )
+        await self.channel.send(
+            wire.NodeDead(node=join.node, reason=reason), CONTROL_TOPIC, to=peer, block=False
+        )
 
     def _targets(self, target: str) -> list[_Member]:
         alive = [m for m in self._members.values() if m.state != "dead"]
@@ -345,6 +403,9 @@ class ControlClient:
         self.members: tuple[wire.MemberInfo, ...] = ()
         self.latest_version = -1
         self.reconnects = 0
+        #: The hub's reason when it refused to admit this member (empty once welcomed).
+        self.refused = ""
+        self._refused_logged = -_REFUSAL_LOG_EVERY_S
         self._last_heard = time.monotonic()
         self._sock: zmq.asyncio.Socket | None = None
         self._channel: Channel | None = None
@@ -408,8 +469,11 @@ class ControlClient:
                     raise DeadlineExceeded(
                         f"control hub at {self.endpoint} did not answer within {timeout:.1f}s"
                     )
-                with contextlib.suppress(TimeoutError):
-                    return await asyncio.wait_for(asyncio.shield(fut), min(1.0, remaining))
+                # asyncio.wait, not wait_for: on Python 3.11 wait_for returns the result and
+                # drops a cancellation that arrives just as the result does.
+                await asyncio.wait({fut}, timeout=min(1.0, remaining))
+                if fut.done():
+                    return fut.result()
         finally:
             if fut in self._status_waiters:
                 self._status_waiters.remove(fut)
@@ -446,6 +510,7 @@ class ControlClient:
             msg = received.msg
             match msg:
                 case wire.Welcome():
+                    self.refused = ""
                     self.hub_epoch = msg.epoch
                     self.latest_version = max(self.latest_version, msg.latest_version)
                     self.joined.set()
@@ -466,10 +531,27 @@ class ControlClient:
                 case wire.VersionAnnounce():
                     self.latest_version = max(self.latest_version, msg.version)
                     self._deliver(msg)
+                case wire.NodeDead() if (
+                    self.join_info is not None
+                    and msg.node == self.join_info.node
+                    and msg.reason.startswith(REFUSED)
+                    and not self.joined.is_set()
+                ):
+                    self._on_refused(msg.reason)
                 case wire.Command() | wire.NodeDead():
                     self._deliver(msg)
                 case _:
                     channel.count_drop("unexpected", f"a node does not accept {type(msg).__name__}")
+
+    def _on_refused(self, reason: str) -> None:
+        # The hub answered our Join with a refusal (its table is full); Join is retried every
+        # heartbeat interval, so we get in once a place frees up.
+        self.refused = reason
+        now = time.monotonic()
+        if now - self._refused_logged >= _REFUSAL_LOG_EVERY_S:
+            self._refused_logged = now
+            name = self.join_info.node if self.join_info is not None else "?"
+            log.warning("%s: the control hub at %s %s", name, self.endpoint, reason)
 
     def _deliver(self, msg: wire.Message) -> None:
         if self._on_message is not None:
@@ -521,8 +603,18 @@ class ControlClient:
                     )
                 )
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.heartbeat_interval)
+            await _wait_event(self._wake, self.heartbeat_interval)
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> None:
+    """Wait until ``event`` is set, at most ``timeout`` seconds. Not ``asyncio.wait_for``: on
+    Python 3.11 that swallows a cancellation arriving as the event fires, and this loop would
+    then outlive its owner (seen as a hang on closing a client)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
 
 
 def _process_start_time() -> float:

@@ -34,6 +34,7 @@ from dvla_bus.errors import ConfigError, TopologyError
 
 __all__ = [
     "CHECKSUMS",
+    "DEFAULT_MAX_NODES",
     "DEFAULT_RACK",
     "ENCRYPT_MODES",
     "ControlSpec",
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION: Final = 1
+#: The control hub admits at least this many members when ``[control] max_nodes`` is not set.
+DEFAULT_MAX_NODES: Final = 4096
 NAME_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,48}$")
 DEFAULT_RACK: Final = "default"
 # Names the replication code will accept for per-chunk checksums. xxh3/xxh64 need the `xxhash`
@@ -216,12 +219,15 @@ def format_duration(seconds: float, digits: int = 4) -> str:
 
 class ControlSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """``[control]``: the control hub. ``endpoint`` may contain ``{run_dir}``, replaced by the
-    run directory when the job starts (for ``ipc://`` on one host)."""
+    run directory when the job starts (for ``ipc://`` on one host). ``max_nodes`` bounds the
+    hub's membership table; in a loaded :class:`Topology` it is always set (when the file
+    omits it: :data:`DEFAULT_MAX_NODES` or twice the nodes the topology places, the larger)."""
 
     endpoint: str = "ipc://{run_dir}/control.sock"
     hosted_by: str = "coordinator"
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 5.0
+    max_nodes: int | None = None
 
 
 class HostSpec(msgspec.Struct, frozen=True):
@@ -796,6 +802,16 @@ class _Checker:
                 "control.heartbeat_timeout_s",
                 "need 0 < heartbeat_interval_s < heartbeat_timeout_s, got "
                 f"{control.heartbeat_interval_s} and {control.heartbeat_timeout_s}",
+            )
+        placed = sum(n for _, h in hosts for n in h.roles.values())
+        if control.max_nodes is None:
+            control = msgspec.structs.replace(control, max_nodes=max(DEFAULT_MAX_NODES, 2 * placed))
+        elif control.max_nodes < max(1, placed):
+            raise fail(
+                "control.max_nodes",
+                f"{control.max_nodes} is less than the {placed} nodes the topology places "
+                "(the hub would refuse some of them); raise it or leave it out "
+                f"(default: {DEFAULT_MAX_NODES} or twice the nodes placed)",
             )
         hubs = sum(h.roles.get(control.hosted_by, 0) for _, h in hosts)
         if hubs != 1:

@@ -20,6 +20,12 @@ left an outbox either waits (``policy="block"``, with a deadline) or keeps the n
 counted by reason in :meth:`Outbox.statistics` / :meth:`Inbox.statistics` (reported on the
 control bus by the node), never silent.
 
+An inbox tracks at most ``max_senders`` senders (one entry per connection that said Hello).
+A Hello beyond that first forgets senders whose connection is gone (probed with an empty
+credit, which ZeroMQ refuses for a vanished peer); if none is gone, the Hello is refused and
+counted (``dropped.max_senders``) and gets no answer, so that outbox never gets credit (its
+:meth:`Outbox.wait_ready` runs into its deadline, naming the endpoint).
+
 Request/reply (batched inference) uses the same connection: :meth:`Inbox.reply` answers the
 outbox a delivery came from, and :meth:`Outbox.recv_reply` receives it; replies travel inline
 and are bounded by the requests' credits.
@@ -60,6 +66,7 @@ from dvla_bus.sockets import Channel, bound_endpoint, open_socket
 
 __all__ = [
     "COPY_THRESHOLD",
+    "DEFAULT_MAX_SENDERS",
     "Delivery",
     "Inbox",
     "InboxStats",
@@ -73,6 +80,8 @@ __all__ = [
 
 COPY_THRESHOLD: Final = 64 * 1024
 DATA_MAX_FRAME: Final = 1 << 31
+#: Senders an inbox tracks unless told otherwise (see :func:`open_inbox`).
+DEFAULT_MAX_SENDERS: Final = 1024
 Policy: TypeAlias = Literal["block", "drop_oldest"]
 _WIRE_NAME: Final = {dt.str: name for name, dt in wire.DTYPES.items()}
 
@@ -172,8 +181,11 @@ class Inbox:
         window: int,
         endpoints: list[str],
         tap: zmq.asyncio.Socket | None = None,
+        *,
+        max_senders: int = DEFAULT_MAX_SENDERS,
     ) -> None:
         self.channel = channel
+        self.max_senders = max_senders
         self.tap = tap
         self.tap_endpoint = bound_endpoint(tap) if tap is not None else ""
         self._tap_topics: set[bytes] = set()
@@ -243,6 +255,17 @@ class Inbox:
         sender = self._senders.get(peer)
         match msg:
             case wire.Hello():
+                if (
+                    sender is None
+                    and len(self._senders) >= self.max_senders
+                    and not self.forget_gone_senders()
+                ):
+                    self.channel.count_drop(
+                        "max_senders",
+                        f"hello from {peer!r} refused: already {len(self._senders)} senders "
+                        f"(max_senders={self.max_senders})",
+                    )
+                    return None
                 sender = self._senders[peer] = _Sender(host=msg.host)
                 sender.granted = self.window
                 await self.channel.send(
@@ -425,6 +448,22 @@ class Inbox:
         out["rx.tap_topics"] = len(self._tap_topics)
         return out
 
+    def forget_gone_senders(self) -> int:
+        """Forget senders whose connection is gone (their process died or closed the socket);
+        returns how many. Each is probed with an empty credit (grant 0: no effect on a live
+        outbox), which ZeroMQ refuses at once for a peer it no longer routes to."""
+        probe = self.channel.frames(wire.Credit(grant=0), "credit")
+        gone = []
+        for peer in self._senders:
+            try:
+                self.channel.send_frames_nowait([peer, *probe])
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    gone.append(peer)
+        for peer in gone:
+            del self._senders[peer]
+        return len(gone)
+
     def forget_dead_pools(self) -> int:
         """Unmap pools whose owner process is gone (call periodically); returns how many."""
         closed = 0
@@ -476,15 +515,20 @@ async def open_inbox(
     max_frame: int = DATA_MAX_FRAME,
     tap: str | None = None,
     credentials: Credentials | None = None,
+    max_senders: int = DEFAULT_MAX_SENDERS,
 ) -> AsyncIterator[Inbox]:
     """An inbox bound at every endpoint in ``bind`` (``tcp://HOST:0`` picks a port; read
-    :attr:`Inbox.endpoints`). ``window`` is the credit each sender gets. With ``tap``, an XPUB
+    :attr:`Inbox.endpoints`). ``window`` is the credit each sender gets; at most
+    ``max_senders`` senders are tracked at once (a Hello beyond that is refused and counted,
+    after forgetting senders that are gone). With ``tap``, an XPUB
     socket bound there publishes a copy of each delivery on its topic — only while a
     subscriber listens to that topic (``dvla bus echo/hz/bw/record``), dropping and counting
     copies a slow listener cannot take. With ``credentials``, ``tcp://`` binds (data and tap)
     are CURVE servers (``ctx`` must be opened with the same credentials)."""
     if window < 1:
         raise ValueError("window must be >= 1")
+    if max_senders < 1:
+        raise ValueError("max_senders must be >= 1")
     async with contextlib.AsyncExitStack() as stack:
         sock = await stack.enter_async_context(
             open_socket(
@@ -519,7 +563,14 @@ async def open_inbox(
                     credentials=credentials,
                 )
             )
-        inbox = Inbox(Channel(sock, name, routed=True), host, window, endpoints, tap_sock)
+        inbox = Inbox(
+            Channel(sock, name, routed=True),
+            host,
+            window,
+            endpoints,
+            tap_sock,
+            max_senders=max_senders,
+        )
         inbox._reader = asyncio.create_task(inbox._read())
         if tap_sock is not None:
             inbox._tap_watcher = asyncio.create_task(inbox._watch_tap())

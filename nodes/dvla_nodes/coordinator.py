@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 
 from dvla_bus import wire
-from dvla_bus.control import ControlHub, HubConfig, open_control_hub
+from dvla_bus.control import DEFAULT_MAX_NODES, ControlHub, HubConfig, open_control_hub
 from dvla_bus.node import Node
+from dvla_bus.topology import load_topology
 
 __all__ = ["Coordinator"]
 
@@ -23,6 +24,9 @@ class Coordinator(Node):
 
     async def setup(self) -> None:
         cfg = self.config
+        # [control] max_nodes: always set in a loaded topology (a default when the file omits it).
+        topology = load_topology(cfg.topology_file) if cfg.topology_file else None
+        max_nodes = (topology.control.max_nodes if topology else None) or DEFAULT_MAX_NODES
         self.hub = await self.resources.enter_async_context(
             open_control_hub(
                 HubConfig(
@@ -30,6 +34,7 @@ class Coordinator(Node):
                     heartbeat_interval=cfg.heartbeat_interval,
                     heartbeat_timeout=cfg.heartbeat_timeout,
                     credentials=cfg.control_credentials,
+                    max_nodes=max_nodes,
                 ),
                 name=f"hub@{cfg.node_id}",
             )

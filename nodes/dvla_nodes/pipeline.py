@@ -246,7 +246,7 @@ class LearnerNode(Node):
                     }
                 )
             else:
-                self._load(ck)
+                self._load(ck, await self._hub_latest_version())
             self.learner.set_anchor(demos if t.rl_bc_coef > 0 else None)
             self._publish()
             await self._announce()
@@ -337,7 +337,19 @@ class LearnerNode(Node):
         await asyncio.sleep(1.0)  # let the trace command reach the others before stop
         await self.control.send(wire.Command(command="stop", target="*"))
 
-    def _load(self, ck: Checkpoint) -> None:
+    async def _hub_latest_version(self) -> int:
+        """The newest version the control hub has seen (-1: none). Waits for the join: the
+        Welcome carries it, and reading it before then would reuse version numbers."""
+        try:
+            await asyncio.wait_for(self.control.joined.wait(), timeout=30.0)
+            status = await self.control.query(timeout=10.0)
+        except (TimeoutError, DvlaError) as exc:
+            raise DvlaError(f"cannot learn the hub's latest version to resume: {exc}") from exc
+        # A restarted hub forgets announcements; the members still report what they hold.
+        held = [m.weight_version for m in status.members]
+        return max([status.latest_version, self.control.latest_version, *held])
+
+    def _load(self, ck: Checkpoint, hub_latest: int) -> None:
         """Weights and optimiser moments from ``ck``. Version numbers continue: the checkpoint's,
         or one past the newest the control hub has seen (versions the lost learner published
         after its last checkpoint are never reused for different weights)."""
@@ -348,7 +360,7 @@ class LearnerNode(Node):
             )
         learner.flat[: ck.layout.total].copy_(torch.from_numpy(ck.flat))
         restore_moments(learner.optimizer, learner.model, learner.layout, ck.optimizer)
-        learner.version = max(int(ck.meta["version"]), self.control.latest_version + 1)
+        learner.version = max(int(ck.meta["version"]), hub_latest + 1)
         self.counters["resumed_from_version"] = int(ck.meta["version"])
         self.log.info(
             "resumed from checkpoint version %s step %s as version %d",

@@ -27,6 +27,7 @@ GROUPS: tuple[tuple[str, str, str], ...] = (
     ("bench", "dvla_tools.cmd_bench", "benchmarks against baselines, written as JSON"),
     ("keys", "dvla_tools.cmd_keys", "CURVE key pairs for authenticated deployments"),
     ("launch", "dvla_tools.cmd_launch", "start a deployment on Slurm, Ray or Kubernetes"),
+    ("env", "dvla_tools.cmd_env", "external benchmark suites: their own Python environments"),
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -18,10 +18,10 @@ import select
 import struct
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import msgspec
 import numpy as np
@@ -253,16 +253,37 @@ def _send_batch(pipe: _Pipe, b: StepBatch) -> None:
     )
 
 
-def worker_main(rfd: int, wfd: int, num_envs: int, image_size: int) -> None:
-    """The child side of :class:`RemoteVectorEnv` (``python -m dvla_nodes.envs._worker``)."""
+class Served(Protocol):
+    """What :func:`serve` runs in a worker process: :class:`VectorEnv`, or any vector of
+    environments with the same synchronous API (the external suites' adapters)."""
+
+    def reset(
+        self, tasks: Sequence[str], seeds: Sequence[int], mask: Sequence[bool] | None = None
+    ) -> StepBatch: ...
+
+    def step(self, actions: np.ndarray) -> StepBatch: ...
+
+    def expert_actions(self) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+def serve(
+    rfd: int,
+    wfd: int,
+    make: Callable[[], Served],
+    ready: Callable[[Served], dict[str, Any]] | None = None,
+) -> None:
+    """The child side of :class:`RemoteVectorEnv`: build the environments with ``make``, say
+    ``ready`` (with ``ready(env)`` as its metadata), then answer commands until ``close``."""
     pipe = _Pipe(rfd, wfd)
     try:
-        env = VectorEnv(num_envs, image_size)
+        env = make()
     except Exception as exc:
         pipe.send("error", {"error": repr(exc)}, {})
         return
     try:
-        pipe.send("ready", {}, {})
+        pipe.send("ready", ready(env) if ready is not None else {}, {})
         while True:
             kind, meta, arrays = pipe.recv()
             try:
@@ -283,25 +304,38 @@ def worker_main(rfd: int, wfd: int, num_envs: int, image_size: int) -> None:
         pipe.close()
 
 
+def worker_main(rfd: int, wfd: int, num_envs: int, image_size: int) -> None:
+    """The embedded suite's worker (``python -m dvla_nodes.envs._worker``)."""
+    serve(rfd, wfd, lambda: VectorEnv(num_envs, image_size))
+
+
 class RemoteVectorEnv:
     """A :class:`VectorEnv` of ``num_envs`` slots in a child process (a fresh interpreter that
     imports no torch). Use as a context manager or call ``close``: the child is stopped and
-    reaped (SIGKILL after a grace period)."""
+    reaped (SIGKILL after a grace period).
 
-    def __init__(self, num_envs: int, image_size: int = 64, start_timeout: float = 60.0) -> None:
+    ``python`` (default: this interpreter), ``worker`` (a module run with ``-m``, given the two
+    pipe descriptors then ``worker_args``) select another worker, e.g. an external suite's
+    adapter under that suite's own interpreter (:mod:`dvla_nodes.envs.suites`); ``info`` is
+    the metadata of the worker's ``ready`` message."""
+
+    def __init__(
+        self,
+        num_envs: int,
+        image_size: int = 64,
+        start_timeout: float = 60.0,
+        *,
+        python: str | None = None,
+        worker: str = "dvla_nodes.envs._worker",
+        worker_args: Sequence[str] | None = None,
+    ) -> None:
         self.num_envs = num_envs
         self.image_size = image_size
+        self.info: dict[str, Any] = {}
         down_r, down_w = os.pipe()  # parent -> child
         up_r, up_w = os.pipe()  # child -> parent
-        cmd = [
-            sys.executable,
-            "-m",
-            "dvla_nodes.envs._worker",
-            str(down_r),
-            str(up_w),
-            str(num_envs),
-            str(image_size),
-        ]
+        args = [str(num_envs), str(image_size)] if worker_args is None else list(worker_args)
+        cmd = [python or sys.executable, "-m", worker, str(down_r), str(up_w), *args]
         try:
             self._proc = subprocess.Popen(cmd, pass_fds=(down_r, up_w), stdin=subprocess.DEVNULL)
         finally:
@@ -323,6 +357,7 @@ class RemoteVectorEnv:
                 ) from exc
             if kind != "ready":
                 raise ResourceError(f"env worker failed to start: {meta.get('error')}")
+            self.info = meta
         except BaseException:
             self.close()
             raise

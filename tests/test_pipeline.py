@@ -97,7 +97,9 @@ def test_train_config_from_topology_settings() -> None:
     assert cfg.tasks == ("reach-red", "reach-blue")
 
 
-def _pipeline_topology(tmp: Path, extra: str = "") -> Path:
+def _pipeline_topology(
+    tmp: Path, extra: str = "", roles: str = "coordinator = 1, learner = 1, sampler = 1"
+) -> Path:
     topo = tmp / "t.toml"
     topo.write_text(
         f"""schema = 1
@@ -107,7 +109,7 @@ endpoint = "ipc://{tmp}/c.sock"
 heartbeat_timeout_s = 10.0
 [[hosts]]
 name = "h"
-roles = {{ coordinator = 1, learner = 1, sampler = 1 }}
+roles = {{ {roles} }}
 [roles.learner]
 tasks = "reach-red,reach-blue"
 demos_per_task = 2
@@ -258,3 +260,33 @@ def test_parse_overrides_reads_toml_values() -> None:
 
     got = parse_overrides(["learner.minutes=2.5", "learner.tasks=reach-red", "sampler.x=true"])
     assert got == {"learner": {"minutes": 2.5, "tasks": "reach-red"}, "sampler": {"x": True}}
+
+
+def test_samplers_act_through_a_remote_inference_node(short_tmp: Path) -> None:
+    """``[roles.sampler] inference = "remote"``: the sampler's observations go to an
+    ``inference`` node over the data bus; that node serves the learner's versions from the
+    shared weight pool, and training proceeds as with local inference."""
+    topo = _pipeline_topology(
+        short_tmp,
+        'minutes = 0.4\neval_every = 0\n[roles.sampler]\ninference = "remote"',
+        roles="coordinator = 1, learner = 1, inference = 1, sampler = 1",
+    )
+    up = spawn(
+        ["up", str(topo), "--run-dir", str(short_tmp), "--status-every", "0"], short_tmp / "up.out"
+    )
+    try:
+        assert up.wait(timeout=150) == 0, (short_tmp / "up.out").read_text()[-3000:]
+    finally:
+        stop(up)
+    records = [json.loads(line) for line in (short_tmp / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert len(train) >= 2, records
+    assert train[-1]["version"] > train[0]["version"]
+    # The forward passes ran on the inference node, not in the sampler.
+    lanes = {
+        name: {e["name"] for e in json.loads(p.read_text())["events"] if e.get("ph") == "X"}
+        for name, p in ((p.stem, p) for p in (short_tmp / "trace").glob("*.json"))
+    }
+    assert "inference" in lanes["inference.h.0"]
+    assert "inference" not in lanes["sampler.h.0"]
+    assert "sampling" in lanes["sampler.h.0"]

@@ -28,17 +28,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from dvla_bus import wire
 from dvla_bus.deploy import load_job_topology
-from dvla_bus.errors import ConfigError, DvlaError
+from dvla_bus.errors import ConfigError, DeadlineExceeded, DvlaError
 from dvla_bus.node import Node
 from dvla_bus.sockets import open_context
 from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
@@ -60,6 +61,9 @@ from dvla_nodes.learn.trainer import (
 from dvla_nodes.policy import build_policy
 from dvla_nodes.policy.act import ActOutput, PolicyActor
 from dvla_nodes.policy.flat import flatten
+
+if TYPE_CHECKING:
+    from dvla_nodes.inference import RemotePolicy
 
 __all__ = [
     "LearnerNode",
@@ -407,11 +411,28 @@ class LearnerNode(Node):
 # --- the sampler -------------------------------------------------------------------------------
 
 
+INFERENCE_MODES = ("local", "remote")
+
+
 class SamplerNode(Node):
+    """Settings (``[roles.sampler]``, besides TrainConfig keys that override the learner's):
+    ``inference`` — ``"local"`` (default: the policy runs here on a copy of the latest
+    weights, best for small models) or ``"remote"`` (observations go to ``inference`` nodes over
+    the data bus, :class:`~dvla_nodes.inference.RemotePolicy`); ``inference_deadline_s``
+    (default 30) bounds each remote call."""
+
     role = "sampler"
     description = "rolls out GRPO groups on local environments with the latest weights"
 
     outbox: Outbox
+
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, wire.Scalar]) -> None:
+        mode = settings.get("inference", "local")
+        if mode not in INFERENCE_MODES:
+            raise ConfigError(f"inference={mode!r}: expected one of {', '.join(INFERENCE_MODES)}")
+        if float(settings.get("inference_deadline_s", 30.0)) <= 0:
+            raise ConfigError("inference_deadline_s must be > 0")
 
     async def setup(self) -> None:
         cfg = self.config
@@ -446,6 +467,23 @@ class SamplerNode(Node):
             )
         )
         self.meters.append(self.outbox.counters)
+        self.check_settings(cfg.settings)
+        self.remote: RemotePolicy | None = None
+        if cfg.settings.get("inference", "local") == "remote":
+            from dvla_nodes.inference import open_remote_policy, request_bytes
+
+            self.remote = await self.resources.enter_async_context(
+                open_remote_policy(
+                    ctx,
+                    name=f"{cfg.node_id}.act.{os.getpid()}",
+                    host=cfg.host,
+                    run=cfg.run_id,
+                    deadline_s=float(cfg.settings.get("inference_deadline_s", 30.0)),
+                    slab_size=request_bytes(self.train.group_size, self.train.image_size),
+                    credentials=cfg.data_credentials,
+                )
+            )
+            self.meters.append(self.remote.counters)
         self.reader: WeightReader | None = None
         self.weights_segment = ""
         self.version = -1
@@ -463,6 +501,8 @@ class SamplerNode(Node):
         return steps * per_step + (1 << 20)
 
     def on_members(self, members: tuple[wire.MemberInfo, ...]) -> None:
+        if self.remote is not None:
+            self.remote.follow(members)
         for m in members:
             if m.role != "learner" or m.state == "dead":
                 continue
@@ -484,6 +524,10 @@ class SamplerNode(Node):
     def _refresh_weights(self) -> None:
         if self.reader is None or self.reader.active_version <= self.version:
             return
+        if self.remote is not None:  # the inference nodes hold the weights; track the version
+            self.version = self.reader.active_version
+            self.set_weight_version(self.version)
+            return
         with self.reader.pin() as pinned:
             self.flat.copy_(torch.from_numpy(np.array(pinned.arrays["flat"])))
             self.version = pinned.version
@@ -499,7 +543,10 @@ class SamplerNode(Node):
             while True:
                 await self.wait_unpaused()
                 self._refresh_weights()
-                if self.version < 1 or not self.outbox.statistics().peers:
+                ready = self.outbox.statistics().peers and (
+                    self.remote is None or self.remote.connected
+                )
+                if self.version < 1 or not ready:
                     await asyncio.sleep(0.2)
                     continue
                 # Tasks whose groups are most likely to differ in outcome are sampled most,
@@ -513,7 +560,15 @@ class SamplerNode(Node):
                 assignments = [Assignment(task, seed, 0)] * t.group_size
                 version = self.version
 
-                def policy(im: np.ndarray, pr: np.ndarray, ins: Sequence[str]) -> ActOutput:
+                served: list[int] = []  # versions the inference nodes used (remote mode)
+
+                def policy(
+                    im: np.ndarray, pr: np.ndarray, ins: Sequence[str], served: list[int] = served
+                ) -> ActOutput:
+                    if self.remote is not None:
+                        act = self.remote(im, pr, ins)
+                        served.append(act.version)
+                        return act
                     with self.lanes.busy("inference"):
                         return self.actor.act(im, pr, ins, generator=self.gen)
 
@@ -526,7 +581,23 @@ class SamplerNode(Node):
                         )
 
                 t_roll = time.perf_counter()
-                eps = await loop.run_in_executor(None, roll)
+                try:
+                    eps = await loop.run_in_executor(None, roll)
+                except DeadlineExceeded as exc:  # an inference node died or is restarting
+                    self.counters["inference_timeouts"] = (
+                        self.counters.get("inference_timeouts", 0) + 1
+                    )
+                    self.log.warning("group abandoned: %s", exc)
+                    continue
+                if served:
+                    # Remote inference may switch versions mid-group: the group counts as the
+                    # oldest version that acted in it (the learner's staleness bound stays
+                    # conservative; the recorded behaviour log-probs stay exact).
+                    if min(served) != max(served):
+                        self.counters["mixed_version_groups"] = (
+                            self.counters.get("mixed_version_groups", 0) + 1
+                        )
+                    eps = dataclasses.replace(eps, version=np.full_like(eps.version, min(served)))
                 self.gauges["env_steps_per_s"] = eps.num_steps / max(
                     1e-9, time.perf_counter() - t_roll
                 )

@@ -21,6 +21,7 @@ ROLES: Final[dict[str, str]] = {
     "publisher": "dvla_nodes.publisher:Publisher",
     "learner": "dvla_nodes.pipeline:LearnerNode",
     "sampler": "dvla_nodes.pipeline:SamplerNode",
+    "inference": "dvla_nodes.inference:InferenceNode",
 }
 
 

@@ -1,0 +1,820 @@
+"""``inference``: batched policy forward passes for many samplers (the D-VLA *inference* lane),
+and :class:`RemotePolicy`, the sampler's client for it.
+
+On the wire (data bus, request/reply over one connection per sampler, see
+:meth:`dvla_bus.transport.Inbox.reply`):
+
+* **request** (sampler → inference inbox), topic ``act``: meta ``req`` (int, unique per
+  connection), ``instructions`` (the B instruction *strings* joined by U+001F); arrays
+  ``images`` uint8 (B, H, W, 3) and ``proprio`` float32 (B, P). Instructions travel as strings,
+  not token ids, because the tokenizer belongs to the model: a sampler stays model-agnostic and a
+  plugged-in model with another tokenizer needs no change on the samplers (the node caches each
+  distinct instruction's encoding, so the cost is one dict lookup per row).
+* **reply** (inline), topic ``act``: meta ``req``, ``version`` (the weight version that
+  produced every row), ``batch`` (the node's batch sequence number), ``batch_size``
+  (observations in that forward pass), ``infer_us`` (its duration) and ``error`` (empty when
+  fine); arrays ``actions`` float32 (B, A), ``tokens`` int64 (B, A), ``logp`` float32 (B, A)
+  (the behaviour log-probabilities of the sampled tokens). An error reply (``error`` one of
+  ``bad_request``, ``no_weights``, ``torn``; detail in ``detail``) has no arrays.
+
+**Batching.** The node takes whatever requests are pending, up to ``max_batch`` observations (a
+request is never split; one that does not fit opens the next batch): requests that piled up
+during the previous forward pass form the next batch at once. When the node was idle it may wait
+up to ``gather_ms`` after the first request for more, and stops waiting as soon as every active
+sampler (one heard from within the last second) has a request in the batch.
+
+**Weights.** The policy is built from the topology's ``[roles.learner]`` table
+(:func:`dvla_nodes.pipeline.train_config`, as the sampler does) and its parameters are *bound*
+to the host's shared-memory weight pool (:mod:`dvla_bus.weights`): no copy of the weights,
+ever. The pool is the one a learner on this host advertises (``endpoints["weights"]``), else the
+run's pool on this machine (:func:`dvla_bus.weights.find_weights`, e.g. a relay's). Each batch
+pins the active version for exactly its forward pass, so a version published mid-stream is
+picked up by the next batch, never in the middle of one, and the writer is never held up longer
+than one forward pass.
+
+Settings (``[roles.inference]``): ``max_batch`` (observations per forward, default 32),
+``gather_ms`` (default 0: on 2 CPU cores waiting only added round-trip time, while the backlog
+of a busy node batches by itself; raise it where a forward pass costs about the same at any
+batch size, e.g. on a GPU), ``window`` (credits per sampler connection, default 4),
+``threads`` (torch threads, default 1). TrainConfig keys given here override
+``[roles.learner]``'s (e.g. ``seed``).
+
+Lanes: ``inference`` (each forward pass). Counters: ``requests``, ``observations``, ``batches``,
+``versions_served`` (distinct versions), ``bad_requests``, ``no_weights``, ``replies_dropped``;
+gauges ``mean_batch`` (observations per forward), ``mean_batch_requests``, ``version``,
+``forward_ms`` (moving average).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import math
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import torch
+import zmq.asyncio
+
+from dvla_bus import wire
+from dvla_bus.errors import ConfigError, DeadlineExceeded, DvlaError
+from dvla_bus.node import Node
+from dvla_bus.security import Credentials
+from dvla_bus.shm import SegmentName
+from dvla_bus.topology import load_topology
+from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
+from dvla_bus.weights import WeightReader, attach_weights, find_weights
+from dvla_nodes.pipeline import train_config
+from dvla_nodes.policy import build_policy
+from dvla_nodes.policy.act import ActOutput, PolicyActor
+from dvla_nodes.policy.flat import FlatLayout, bind, flatten
+
+__all__ = [
+    "TOPIC",
+    "ActReply",
+    "ActRequest",
+    "InferenceError",
+    "InferenceNode",
+    "InferenceSettings",
+    "RemoteAct",
+    "RemotePolicy",
+    "open_remote_policy",
+    "request_bytes",
+]
+
+TOPIC: Final = "act"
+SEP: Final = "\x1f"  # unit separator between instructions (never inside one)
+_POOL_POLL_S: Final = 0.5
+#: A sampler silent this long no longer counts as connected when deciding whether a batch can
+#: stop waiting for more requests (the inbox never forgets a sender; samplers come and go).
+_PEER_IDLE_S: Final = 1.0
+_SWEEP_S: Final = 10.0
+
+
+class InferenceError(DvlaError):
+    """The inference node answered a request with an error (``reason``: ``bad_request``,
+    ``no_weights``, ``torn``)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+# --- the messages ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ActRequest:
+    """B observations to act on (see the module docstring for the wire form)."""
+
+    req: int
+    images: np.ndarray[Any, Any]
+    proprio: np.ndarray[Any, Any]
+    instructions: tuple[str, ...]
+
+    def encode(self) -> tuple[dict[str, wire.Scalar], dict[str, np.ndarray[Any, Any]]]:
+        if any(SEP in s for s in self.instructions):
+            raise ConfigError("an instruction contains U+001F, the request's separator")
+        meta: dict[str, wire.Scalar] = {
+            "req": self.req,
+            "instructions": SEP.join(self.instructions),
+        }
+        return meta, {"images": self.images, "proprio": self.proprio}
+
+    @staticmethod
+    def decode(
+        meta: Mapping[str, wire.Scalar],
+        arrays: Mapping[str, np.ndarray[Any, Any]],
+        image_size: int,
+        proprio_dim: int,
+    ) -> ActRequest:
+        """Validate a received request against the model's input shapes; the arrays are the
+        delivery's views (copy before releasing it). Raises :class:`InferenceError`."""
+        req = meta.get("req")
+        if type(req) is not int:
+            raise InferenceError("bad_request", f"meta 'req' must be an int, got {req!r}")
+        images, proprio = arrays.get("images"), arrays.get("proprio")
+        if images is None or proprio is None:
+            raise InferenceError("bad_request", f"arrays {sorted(arrays)}: need images, proprio")
+        b = images.shape[0] if images.ndim == 4 else -1
+        if images.dtype != np.uint8 or images.shape[1:] != (image_size, image_size, 3) or b < 1:
+            raise InferenceError(
+                "bad_request",
+                f"images {images.dtype} {images.shape}: expected uint8 (B, {image_size}, "
+                f"{image_size}, 3)",
+            )
+        if proprio.dtype != np.float32 or proprio.shape != (b, proprio_dim):
+            raise InferenceError(
+                "bad_request",
+                f"proprio {proprio.dtype} {proprio.shape}: expected float32 ({b}, {proprio_dim})",
+            )
+        text = meta.get("instructions")
+        if not isinstance(text, str):
+            raise InferenceError("bad_request", "meta 'instructions' must be a string")
+        instructions = tuple(text.split(SEP))
+        if len(instructions) != b:
+            raise InferenceError("bad_request", f"{len(instructions)} instructions for {b} images")
+        return ActRequest(req, images, proprio, instructions)
+
+
+@dataclass(frozen=True, slots=True)
+class ActReply:
+    """The node's answer to one request (arrays empty when ``error`` is set)."""
+
+    req: int
+    version: int
+    batch: int
+    batch_size: int
+    infer_us: int
+    actions: np.ndarray[Any, Any]
+    tokens: np.ndarray[Any, Any]
+    logp: np.ndarray[Any, Any]
+    error: str = ""
+    detail: str = ""
+
+    def encode(self) -> tuple[dict[str, wire.Scalar], dict[str, np.ndarray[Any, Any]]]:
+        meta: dict[str, wire.Scalar] = {
+            "req": self.req,
+            "version": self.version,
+            "batch": self.batch,
+            "batch_size": self.batch_size,
+            "infer_us": self.infer_us,
+            "error": self.error,
+        }
+        if self.error:
+            meta["detail"] = self.detail
+            return meta, {}
+        return meta, {"actions": self.actions, "tokens": self.tokens, "logp": self.logp}
+
+    @staticmethod
+    def error_reply(req: int, reason: str, detail: str) -> ActReply:
+        empty = np.zeros((0, 0), np.float32)
+        return ActReply(req, -1, -1, 0, 0, empty, empty, empty, reason, detail)
+
+    @staticmethod
+    def decode(received: wire.Received) -> ActReply:
+        """From an outbox's received reply; raises :class:`InferenceError` if malformed."""
+        msg = received.msg
+        if not isinstance(msg, wire.Data):
+            raise InferenceError("bad_reply", f"a reply is Data, got {type(msg).__name__}")
+        meta = msg.meta
+        try:
+            ints = {k: meta[k] for k in ("req", "version", "batch", "batch_size", "infer_us")}
+        except KeyError as exc:
+            raise InferenceError("bad_reply", f"meta lacks {exc}") from None
+        if any(type(v) is not int for v in ints.values()):
+            raise InferenceError("bad_reply", f"non-integer meta {ints}")
+        error = str(meta.get("error", ""))
+        arrays = dict(zip(msg.names, received.arrays, strict=False))
+        empty = np.zeros((0, 0), np.float32)
+        if error:
+            return ActReply(
+                int(ints["req"]), -1, -1, 0, 0, empty, empty, empty, error, str(meta.get("detail"))
+            )
+        if set(arrays) != {"actions", "tokens", "logp"}:
+            raise InferenceError("bad_reply", f"arrays {sorted(arrays)}")
+        return ActReply(
+            int(ints["req"]),
+            int(ints["version"]),
+            int(ints["batch"]),
+            int(ints["batch_size"]),
+            int(ints["infer_us"]),
+            arrays["actions"],
+            arrays["tokens"],
+            arrays["logp"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteAct(ActOutput):
+    """An :class:`ActOutput` from the inference node, with the weight ``version`` that produced
+    it, the node's ``batch`` number, ``batch_size`` (observations in that forward pass) and
+    ``infer_us`` (its duration, microseconds)."""
+
+    version: int = -1
+    batch: int = -1
+    batch_size: int = 0
+    infer_us: int = 0
+
+
+# --- the node ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceSettings:
+    """``[roles.inference]``: observations per forward pass, the idle gather window
+    (milliseconds), credits per sampler connection, torch threads."""
+
+    max_batch: int = 32
+    gather_ms: float = 0.0
+    window: int = 4
+    threads: int = 1
+
+    @staticmethod
+    def from_settings(settings: Mapping[str, wire.Scalar]) -> InferenceSettings:
+        try:
+            out = InferenceSettings(
+                max_batch=int(settings.get("max_batch", 32)),
+                gather_ms=float(settings.get("gather_ms", 0.0)),
+                window=int(settings.get("window", 4)),
+                threads=int(settings.get("threads", 1)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"[roles.inference]: {exc}") from None
+        if out.max_batch < 1 or out.window < 1 or out.threads < 1:
+            raise ConfigError(f"[roles.inference]: max_batch, window, threads must be >= 1: {out}")
+        if not (math.isfinite(out.gather_ms) and out.gather_ms >= 0):
+            raise ConfigError(f"[roles.inference]: gather_ms={out.gather_ms} must be >= 0")
+        return out
+
+
+@dataclass(slots=True)
+class _Item:
+    delivery: Delivery
+    request: ActRequest | None
+    error: InferenceError | None
+
+
+class InferenceNode(Node):
+    role = "inference"
+    description = "batches observations from many samplers; actions from the active weights"
+
+    inbox: Inbox
+
+    async def setup(self) -> None:
+        cfg = self.config
+        topology = load_topology(cfg.topology_file) if cfg.topology_file else None
+        learner_settings = topology.settings("learner") if topology else {}
+        self.train = train_config({**learner_settings, **cfg.settings})
+        self.settings = InferenceSettings.from_settings(cfg.settings)
+        torch.set_num_threads(self.settings.threads)
+        model, tok = build_policy(
+            self.train.policy_size,
+            self.train.image_size,
+            self.train.bins,
+            self.train.seed,
+            stem=self.train.policy_stem,
+        )
+        self.model = model
+        self.layout: FlatLayout
+        self.layout, _ = flatten(model)
+        self.actor = PolicyActor(model, tok, self.train.temperature)
+        self.proprio_dim = int(model.cfg.proprio_dim)
+        self.gen = torch.Generator().manual_seed(self.train.seed + 5000 + cfg.index)
+        self.reader: WeightReader | None = None
+        self.resources.callback(self._close_reader)
+        # One thread runs every forward pass: it pins and reads the pool (a reader belongs to
+        # one thread) while the event loop keeps receiving and granting credit. Shut down
+        # (waiting for a forward in progress) before the reader closes: callbacks run LIFO.
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=cfg.node_id)
+        self.resources.callback(self._pool.shutdown, wait=True)
+        self.inbox = await self.open_inbox(window=self.settings.window)
+        self._reader_gen = 0
+        self._bound: tuple[int, int] | None = None  # (reader generation, slot) bound to
+        self._learner_segment = ""  # a learner on this host advertises its pool
+        self._last_scan = 0.0
+        self._carry: Delivery | None = None
+        self._seen: dict[bytes, float] = {}  # sampler connection -> last request (monotonic)
+        self._pruned = 0.0
+        self._swept = time.monotonic()
+        self._versions: set[int] = set()
+        self._batch = 0
+        self._forward_ms = 0.0
+        for key in ("requests", "observations", "batches", "versions_served", "bad_requests"):
+            self.counters[key] = 0
+
+    # --- following the host's weight pool (between batches only) ----------------------------
+
+    def _close_reader(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+            self._bound = None
+
+    def on_members(self, members: tuple[wire.MemberInfo, ...]) -> None:
+        for m in members:
+            segment = m.endpoints.get("weights", "")
+            if m.role == "learner" and m.host == self.config.host and m.state != "dead" and segment:
+                self._learner_segment = segment
+
+    def _wanted_segment(self) -> str:
+        if self._learner_segment:
+            return self._learner_segment
+        now = time.monotonic()
+        if self.reader is not None and now - self._last_scan < _POOL_POLL_S:
+            return self.reader.name
+        self._last_scan = now
+        found = find_weights(self.config.run_id)
+        if not found:
+            return self.reader.name if self.reader is not None else ""
+        return max(found, key=lambda n: SegmentName.parse(n).start_time)
+
+    def _follow_pool(self) -> None:
+        segment = self._wanted_segment()
+        if not segment or (self.reader is not None and self.reader.name == segment):
+            return
+        self._close_reader()
+        try:
+            reader = attach_weights(segment)
+        except (DvlaError, OSError) as exc:  # the writer may still be creating it
+            self.log.info("weight pool %s not ready: %s", segment, exc)
+            return
+        specs = reader.manifest.tensors
+        if len(specs) != 1 or specs[0].dtype != "float32" or specs[0].shape != (self.layout.total,):
+            reader.close()
+            self.counters["weights_mismatch"] = self.counters.get("weights_mismatch", 0) + 1
+            self.log.error(
+                "weight pool %s holds %s, but [roles.learner] (policy_size=%s, image_size=%d) "
+                "builds a flat float32 (%d,): the inference node and the learner disagree",
+                segment,
+                [(t.name, t.dtype, t.shape) for t in specs],
+                self.train.policy_size,
+                self.train.image_size,
+                self.layout.total,
+            )
+            return
+        self.reader = reader
+        self._reader_gen += 1
+        self.log.info("following weight pool %s", segment)
+
+    # --- batching ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _rows(d: Delivery) -> int:
+        images = d.arrays.get("images")
+        return int(images.shape[0]) if images is not None and images.ndim == 4 else 0
+
+    async def _gather(self) -> list[Delivery]:
+        inbox, limit = self.inbox, self.settings.max_batch
+        if self._carry is not None:
+            first, self._carry = self._carry, None
+            backlog = True
+        else:
+            backlog = inbox.pending() > 0
+            first = await inbox.recv()
+        batch, rows = [first], self._rows(first)
+        peers = {first.peer}
+        now = time.monotonic()
+        self._seen[first.peer] = now
+        if now - self._pruned > 0.1:
+            self._pruned = now
+            self._seen = {p: t for p, t in self._seen.items() if now - t < _PEER_IDLE_S}
+        deadline = now + (0.0 if backlog else self.settings.gather_ms / 1e3)
+        while rows < limit:
+            if inbox.pending() > 0:
+                nxt = await inbox.recv()
+                self._seen[nxt.peer] = time.monotonic()
+            else:
+                # Every active sampler already waits on this batch: nobody else will come.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or peers.issuperset(self._seen):
+                    break
+                try:
+                    nxt = await inbox.recv(timeout=remaining)
+                except DeadlineExceeded:
+                    break
+                self._seen[nxt.peer] = time.monotonic()
+            n = self._rows(nxt)
+            if rows + n > limit:
+                self._carry = nxt  # never split a request: it opens the next batch
+                break
+            batch.append(nxt)
+            peers.add(nxt.peer)
+            rows += n
+        return batch
+
+    def _decode(self, batch: list[Delivery]) -> list[_Item]:
+        items = []
+        for d in batch:
+            try:
+                req = ActRequest.decode(d.meta, d.arrays, self.train.image_size, self.proprio_dim)
+                items.append(_Item(d, req, None))
+            except InferenceError as exc:
+                items.append(_Item(d, None, exc))
+        return items
+
+    def _forward(
+        self, images: np.ndarray[Any, Any], proprio: np.ndarray[Any, Any], ins: list[str]
+    ) -> tuple[ActOutput, int, float]:
+        """In the inference thread: pin the active version for exactly this forward pass."""
+        reader = self.reader
+        assert reader is not None
+        with reader.pin(timeout=1.0) as pinned:
+            key = (self._reader_gen, pinned.slot)
+            if self._bound != key:
+                # Parameters become views of the pinned slot: zero copy, and while the pin is
+                # held the writer cannot reuse that slot.
+                bind(self.model, self.layout, pinned.tensors()["flat"])
+                self._bound = key
+            t0 = time.perf_counter()
+            out = self.actor.act(images, proprio, ins, generator=self.gen)
+            return out, pinned.version, time.perf_counter() - t0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wait_unpaused()
+            items = self._decode(await self._gather())
+            self._follow_pool()
+            now = time.monotonic()
+            if now - self._swept > _SWEEP_S:
+                # Samplers come and go: unmap the request slabs of those whose process is gone.
+                self._swept = now
+                self.inbox.forget_dead_pools()
+            good = [it for it in items if it.request is not None]
+            if good and (self.reader is None or self.reader.active_version < 0):
+                for it in good:
+                    it.error = InferenceError("no_weights", "no weight version published yet")
+                    it.request = None
+                self.counters["no_weights"] = self.counters.get("no_weights", 0) + len(good)
+                good = []
+            batch = self._stack(good)
+            # The batch is copied out: give the credits (and slabs) back before computing.
+            for it in items:
+                it.delivery.release()
+            for it in items:
+                if it.error is not None:
+                    await self._refuse(it.delivery, it.error)
+            if batch is None:
+                continue
+            images, proprio, ins = batch
+            good = [it for it in good if it.request is not None]
+            try:
+                with self.lanes.busy("inference"):
+                    out, version, seconds = await loop.run_in_executor(
+                        self._pool, self._forward, images, proprio, ins
+                    )
+            except DvlaError as exc:  # the pool went away under us (its writer died)
+                self.log.warning("forward pass failed, re-attaching the weight pool: %s", exc)
+                self._close_reader()
+                for it in good:
+                    await self._refuse(it.delivery, InferenceError("no_weights", str(exc)))
+                continue
+            await self._answer(good, out, version, seconds)
+
+    @staticmethod
+    def _stack(
+        good: list[_Item],
+    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], list[str]] | None:
+        """One batch from the valid requests (a copy), minus any whose slab was reused while
+        it was read (marked ``torn``)."""
+        reqs = [it.request for it in good if it.request is not None]
+        if not reqs:
+            return None
+        images = np.concatenate([r.images for r in reqs])
+        proprio = np.concatenate([r.proprio for r in reqs])
+        intact = [it.delivery.intact() for it in good]
+        if not all(intact):
+            mask = np.repeat(intact, [len(r.instructions) for r in reqs])
+            images, proprio = images[mask], proprio[mask]
+            for it, ok in zip(good, intact, strict=True):
+                if not ok:
+                    it.error, it.request = InferenceError("torn", "slab reused while read"), None
+            reqs = [it.request for it in good if it.request is not None]
+            if not reqs:
+                return None
+        return images, proprio, [s for r in reqs for s in r.instructions]
+
+    async def _refuse(self, delivery: Delivery, error: InferenceError) -> None:
+        if error.reason == "bad_request":
+            self.counters["bad_requests"] += 1
+            self.log.debug("bad request from %s: %s", delivery.msg.sender, error)
+        req = delivery.meta.get("req")
+        reply = ActReply.error_reply(req if type(req) is int else -1, error.reason, str(error))
+        await self._reply(delivery, reply)
+
+    async def _answer(
+        self, good: list[_Item], out: ActOutput, version: int, seconds: float
+    ) -> None:
+        self._batch += 1
+        rows = len(out.actions)
+        infer_us = int(seconds * 1e6)
+        start = 0
+        for it in good:
+            assert it.request is not None
+            n = len(it.request.instructions)
+            sl = slice(start, start + n)
+            start += n
+            await self._reply(
+                it.delivery,
+                ActReply(
+                    it.request.req,
+                    version,
+                    self._batch,
+                    rows,
+                    infer_us,
+                    out.actions[sl],
+                    out.tokens[sl],
+                    out.logp[sl],
+                ),
+            )
+        c = self.counters
+        c["requests"] += len(good)
+        c["observations"] += rows
+        c["batches"] += 1
+        if version not in self._versions:
+            self._versions.add(version)
+            c["versions_served"] = len(self._versions)
+            self.set_weight_version(version)
+        self.gauges["version"] = float(version)
+        self.gauges["mean_batch"] = c["observations"] / c["batches"]
+        self.gauges["mean_batch_requests"] = c["requests"] / c["batches"]
+        ms = seconds * 1e3
+        self._forward_ms = ms if c["batches"] == 1 else 0.9 * self._forward_ms + 0.1 * ms
+        self.gauges["forward_ms"] = self._forward_ms
+
+    async def _reply(self, delivery: Delivery, reply: ActReply) -> None:
+        meta, arrays = reply.encode()
+        if not await self.inbox.reply(delivery, meta, arrays, topic=TOPIC):
+            self.counters["replies_dropped"] = self.counters.get("replies_dropped", 0) + 1
+
+
+def request_bytes(rows: int, image_size: int, proprio_dim: int = 7) -> int:
+    """Slab bytes one request of ``rows`` observations needs (``slab_size`` for
+    :func:`open_remote_policy`): the arrays with their alignment padding."""
+    image = rows * image_size * image_size * 3
+    return image + rows * proprio_dim * 4 + 2 * 4096
+
+
+# --- the client --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _ClientStats:
+    calls: int = 0
+    replies: int = 0
+    deadlines: int = 0
+    errors: int = 0
+    late_replies: int = 0
+    bad_replies: int = 0
+
+
+class RemotePolicy:
+    """A :data:`~dvla_nodes.learn.rollout.PolicyFn` served by ``inference`` nodes.
+
+    Create with :func:`open_remote_policy` on the event loop that will carry its traffic (the
+    node's loop); then call it from any *other* thread — e.g. the executor thread a sampler's
+    rollouts run in — like a local policy: ``policy(images, proprio, instructions)`` returns a
+    :class:`RemoteAct` (an :class:`ActOutput` plus the weight version used). On the loop itself
+    use ``await policy.act_async(...)``. Each call sends one request over this client's own
+    :class:`~dvla_bus.transport.Outbox` (requests are spread over every connected inference
+    node) and waits for the reply at most ``deadline_s`` seconds, sending included; then it
+    raises :class:`~dvla_bus.errors.DeadlineExceeded` naming the endpoints — a dead inference node
+    never hangs a sampler. An error reply raises :class:`InferenceError`.
+
+    Thread-safety: ``__call__`` from any number of threads other than the loop's; everything
+    else on the loop."""
+
+    def __init__(self, outbox: Outbox, loop: asyncio.AbstractEventLoop, deadline_s: float) -> None:
+        self.outbox = outbox
+        self.deadline_s = deadline_s
+        self._loop = loop
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[ActReply]] = {}
+        self._endpoints: list[str] = []
+        self.stats = _ClientStats()
+        self._reader: asyncio.Task[None] | None = None
+
+    # --- peers ---------------------------------------------------------------------------------
+
+    async def connect(self, endpoint: str) -> None:
+        """Send requests to the inference inbox at ``endpoint`` too (idempotent)."""
+        await self.outbox.connect(endpoint)
+        if endpoint not in self._endpoints:
+            self._endpoints.append(endpoint)
+
+    async def disconnect(self, endpoint: str) -> None:
+        await self.outbox.disconnect(endpoint)
+        with contextlib.suppress(ValueError):
+            self._endpoints.remove(endpoint)
+
+    def follow(self, members: Sequence[wire.MemberInfo]) -> None:
+        """Track the membership table (call from ``Node.on_members``): connect to every live
+        ``inference`` node's data inbox, disconnect from dead ones."""
+        for m in members:
+            endpoint = m.endpoints.get("data", "")
+            if m.role != "inference" or not endpoint:
+                continue
+            if m.state == "dead":
+                self._loop.create_task(self.disconnect(endpoint))
+            elif endpoint not in self._endpoints:
+                self._loop.create_task(self.connect(endpoint))
+
+    @property
+    def connected(self) -> int:
+        """Inference inboxes that have granted credit."""
+        return self.outbox.statistics().peers if self._endpoints else 0
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        await self.outbox.wait_ready(timeout)
+
+    # --- acting --------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        images: np.ndarray[Any, Any],
+        proprio: np.ndarray[Any, Any],
+        instructions: Sequence[str],
+    ) -> RemoteAct:
+        if _on_loop_thread(self._loop):
+            raise DvlaError(
+                "RemotePolicy called on its own event loop's thread (it would deadlock): "
+                "call it from an executor thread, or await act_async() on the loop"
+            )
+        coro = self.act_async(images, proprio, instructions)
+        try:
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError:  # the loop is closed: the node is shutting down
+            coro.close()
+            raise DeadlineExceeded("RemotePolicy: its event loop is closed") from None
+        try:
+            # act_async keeps its own deadline; this one only guards a stopped loop.
+            return fut.result(timeout=self.deadline_s + 1.0)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise DeadlineExceeded(
+                f"RemotePolicy: no answer within {self.deadline_s:.1f}s from {self._endpoints} "
+                "(its event loop is not running?)"
+            ) from None
+
+    async def act_async(
+        self,
+        images: np.ndarray[Any, Any],
+        proprio: np.ndarray[Any, Any],
+        instructions: Sequence[str],
+    ) -> RemoteAct:
+        """One request, awaited on the loop (see the class docstring)."""
+        self.stats.calls += 1
+        deadline = time.monotonic() + self.deadline_s
+        req = next(self._ids)
+        meta, arrays = ActRequest(
+            req,
+            images,
+            np.asarray(proprio, dtype=np.float32),
+            tuple(instructions),
+        ).encode()
+        fut: asyncio.Future[ActReply] = self._loop.create_future()
+        self._waiting[req] = fut
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._late(req)
+                try:
+                    sent = await self.outbox.send(meta, arrays, topic=TOPIC, timeout=remaining)
+                except DeadlineExceeded:
+                    raise self._late(req) from None
+                if sent:
+                    break
+                # Dropped (no live peer behind the connection): retry until the deadline, so
+                # a restarting inference node is picked up again.
+                await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+            try:
+                reply = await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise self._late(req) from None
+        finally:
+            self._waiting.pop(req, None)
+        if reply.error:
+            self.stats.errors += 1
+            raise InferenceError(reply.error, reply.detail)
+        return RemoteAct(
+            actions=np.array(reply.actions),
+            tokens=np.array(reply.tokens),
+            logp=np.array(reply.logp),
+            version=reply.version,
+            batch=reply.batch,
+            batch_size=reply.batch_size,
+            infer_us=reply.infer_us,
+        )
+
+    def _late(self, req: int) -> DeadlineExceeded:
+        self.stats.deadlines += 1
+        return DeadlineExceeded(
+            f"RemotePolicy {self.outbox.name}: request {req} got no answer within "
+            f"{self.deadline_s:.1f}s from inference node(s) {self._endpoints or '(none connected)'}"
+        )
+
+    async def _read_replies(self) -> None:
+        while True:
+            received = await self.outbox.recv_reply()
+            try:
+                reply = ActReply.decode(received)
+            except InferenceError:
+                self.stats.bad_replies += 1
+                continue
+            fut = self._waiting.get(reply.req)
+            if fut is None or fut.done():
+                self.stats.late_replies += 1  # its caller gave up (deadline)
+                continue
+            self.stats.replies += 1
+            fut.set_result(reply)
+
+    def counters(self) -> dict[str, int]:
+        """Flat counters for a node's heartbeat (``Node.meters``)."""
+        s = self.stats
+        return {
+            "remote.calls": s.calls,
+            "remote.replies": s.replies,
+            "remote.deadlines": s.deadlines,
+            "remote.errors": s.errors,
+            "remote.late_replies": s.late_replies,
+        }
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+@contextlib.asynccontextmanager
+async def open_remote_policy(
+    ctx: zmq.asyncio.Context,
+    *,
+    name: str,
+    host: str,
+    run: str = "",
+    deadline_s: float = 10.0,
+    slab_size: int = 0,
+    slabs: int = 4,
+    endpoints: Sequence[str] = (),
+    credentials: Credentials | None = None,
+) -> AsyncIterator[RemotePolicy]:
+    """A :class:`RemotePolicy` with its own outbox. ``name`` must be unique for the process's
+    whole life: it names the outbox's shared-memory segment, and an inference node keeps the
+    segments it has mapped by name, so a name reused after close would be read through the old
+    mapping (the requests are dropped as stale and run into the deadline). ``slab_size > 0``
+    sends same-host requests through ``slabs`` shared-memory slabs of that many bytes (see
+    :func:`request_bytes`; a larger request travels inline); ``endpoints`` are connected at
+    once (more via :meth:`RemotePolicy.connect` / :meth:`RemotePolicy.follow`). Must be entered
+    on the loop that carries the traffic; closed with it."""
+    if not deadline_s > 0:
+        raise ConfigError(f"RemotePolicy deadline_s={deadline_s} must be > 0")
+    async with open_outbox(
+        ctx,
+        name=name,
+        host=host,
+        run=run,
+        slab_size=slab_size,
+        slabs=slabs,
+        policy="block",
+        credentials=credentials,
+    ) as outbox:
+        policy = RemotePolicy(outbox, asyncio.get_running_loop(), deadline_s)
+        reader = asyncio.create_task(policy._read_replies(), name=f"{name}.replies")
+        try:
+            for endpoint in endpoints:
+                await policy.connect(endpoint)
+            yield policy
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            for fut in policy._waiting.values():
+                fut.cancel()

@@ -145,12 +145,7 @@ def test_inference_node_batches_and_serves_the_active_version(short_tmp: Path) -
                 what="the inference node joined",
             )
             endpoint = members_by_node(status)["inference.h.0"].endpoints["data"]
-            replies = asyncio.run(_drive(endpoint, pool, weights, inference))
-            final = wait_status(
-                control,
-                lambda s: members_by_node(s)["inference.h.0"].counters.get("batches", 0) > 0,
-                what="inference counters in a heartbeat",
-            )
+            replies, counters = asyncio.run(_drive(control, endpoint, pool, weights, inference))
         finally:
             for proc in procs:
                 stop(proc)
@@ -185,17 +180,17 @@ def test_inference_node_batches_and_serves_the_active_version(short_tmp: Path) -
     sizes = [act.batch_size for _, act in replies]
     assert max(sizes) > 2, sizes
     assert len(batch_version) < len(replies)
-    counters = members_by_node(final)["inference.h.0"].counters
-    assert counters["requests"] >= 1
+    assert counters["requests"] >= len(replies)
     assert counters["bad_requests"] == 1
 
 
 async def _drive(
+    control: str,
     endpoint: str,
     pool: Any,
     weights: dict[int, np.ndarray],
     inference: subprocess.Popen[bytes],
-) -> list[tuple[int, RemoteAct]]:
+) -> tuple[list[tuple[int, RemoteAct]], dict[str, int]]:
     loop = asyncio.get_running_loop()
     replies: list[tuple[int, RemoteAct]] = []
     async with contextlib.AsyncExitStack() as stack:
@@ -260,6 +255,18 @@ async def _drive(
         )
         assert published.is_set()
 
+        # Its counters reach the control bus (heartbeats).
+        served = len(replies)
+        status = await loop.run_in_executor(
+            None,
+            lambda: wait_status(
+                control,
+                lambda s: members_by_node(s)["inference.h.0"].counters["requests"] >= served,
+                what="inference counters in a heartbeat",
+            ),
+        )
+        counters = dict(members_by_node(status)["inference.h.0"].counters)
+
         # The node dies: a call fails at its deadline instead of hanging.
         inference.kill()
         inference.wait(10)
@@ -268,4 +275,19 @@ async def _drive(
         with pytest.raises(DeadlineExceeded, match=r"no answer within 1\.0s"):
             await loop.run_in_executor(None, first, images, proprio, ins)
         assert 0.9 <= time.monotonic() - t0 < 4.0
-    return replies
+    return replies, counters
+
+
+def test_scaling_benchmark_runs_against_a_real_inference_node() -> None:
+    """The sampler-scaling benchmark end to end, tiny: rows per sampler count, linear reference,
+    saturation fields; nothing left behind (the leak fixture checks)."""
+    from dvla_tools.bench.pipeline_scaling import format_table, run_scaling
+
+    result = run_scaling((1, 3), step_latency_s=0.01, seconds=0.6, warmup_s=0.3, image_size=IMAGE)
+    rows = result["rows"]
+    assert [r["samplers"] for r in rows] == [1, 3]
+    assert all(r["env_steps_per_s"] > 0 and r["versions"] == [1] for r in rows)
+    assert rows[1]["linear_steps_per_s"] == pytest.approx(3 * rows[0]["linear_steps_per_s"])
+    assert result["baseline_again"]["samplers"] == 1
+    assert "asyncio tasks in one process" in result["note"]
+    assert "inference" in format_table(result)

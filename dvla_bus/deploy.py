@@ -180,7 +180,10 @@ def child_specs(
 ) -> list[ChildSpec]:
     """One :class:`ChildSpec` per node the topology places on ``host`` (hub first); with
     ``serial``, one process that runs all of them on one event loop (for debugging)."""
-    env = {"PYTHONUNBUFFERED": "1"}
+    # glibc gives each thread that allocates its own arena (up to 8 per core): a node's
+    # executor and torch threads then grow RSS by fragmentation, not by use. Two arenas keep the
+    # learner's RSS within the memory bound (dvla bench memory); the user's value wins.
+    env = {"PYTHONUNBUFFERED": "1", "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
     if overrides:
         env[ENV_SETTINGS] = json.dumps(overrides)
     if serial:

@@ -36,7 +36,15 @@ from dvla_bus.sockets import open_context
 from dvla_bus.transport import Inbox, open_inbox
 from dvla_bus.watchdog import Watchdog, dump_stacks
 
-__all__ = ["Node", "NodeConfig", "run_node", "run_nodes", "set_parent_death_signal"]
+__all__ = [
+    "Node",
+    "NodeConfig",
+    "deliberate_exit_marker",
+    "mark_deliberate_exit",
+    "run_node",
+    "run_nodes",
+    "set_parent_death_signal",
+]
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +241,23 @@ class Node:
                 pass
 
 
+def deliberate_exit_marker(run_dir: Path, node_id: str, pid: int) -> Path:
+    """Where a node process records that it is shutting down on purpose (see
+    :func:`mark_deliberate_exit`); the supervisor reads it when the process exits non-zero."""
+    return run_dir / "exits" / f"{node_id}.{pid}"
+
+
+def mark_deliberate_exit(run_dir: Path, node_id: str) -> None:
+    """Record that this process stops on purpose, before teardown starts: a teardown that then
+    overruns the grace period exits 1 (stacks dumped), and without this record the supervisor
+    would restart a node whose job is over — which, with the control hub already gone, fails
+    and restarts forever."""
+    path = deliberate_exit_marker(run_dir, node_id, os.getpid())
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
 def set_parent_death_signal(expected_parent: int) -> bool:
     """Ask Linux to send SIGTERM when our parent dies (``PR_SET_PDEATHSIG``). Returns False when
     the parent is already gone (the caller should exit)."""
@@ -303,6 +328,13 @@ async def _serve(node: Node, parent: int | None, *, signals: bool = True) -> int
                     if parent is not None:
                         watchers.append(asyncio.create_task(_watch_parent(parent, node)))
                     await asyncio.wait([run_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
+                    if stop_task.done() or (
+                        not run_task.cancelled() and run_task.exception() is None
+                    ):
+                        # Stopping on purpose (a stop request, or the work is done): even if
+                        # teardown then overruns the grace period, the supervisor must not
+                        # restart this node.
+                        mark_deliberate_exit(cfg.run_dir, cfg.node_id)
                     for w in watchers:
                         w.cancel()
                     if not run_task.done():

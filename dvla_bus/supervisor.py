@@ -2,9 +2,11 @@
 
 * A child that exits non-zero is restarted after a backoff (``backoff_initial`` doubling up to
   ``backoff_max`` seconds; reset once a child has run ``stable_after`` seconds).
-* A child that exits 0 is *done* and stays down; one that exits 2 (bad configuration: it would
-  fail the same way again) is *failed* and stays down. When no child is left to run, the
-  supervisor returns.
+* A child that exits 0 is *done* and stays down; so is one that exits non-zero after recording
+  that it was stopping on purpose (its teardown overran the grace period after a stop command or
+  after its work was done: restarting it would only fail once the job is gone). One that exits
+  2 (bad configuration: it would fail the same way again) is *failed* and stays down. When no
+  child is left to run, the supervisor returns.
 * Stopping sends SIGTERM to every child, waits up to ``grace`` seconds, then SIGKILLs what is
   left and reaps everything: no orphans.
 * Shared memory of dead processes is reaped at start, right after any child dies, and every
@@ -28,9 +30,11 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from dvla_bus.deploy import ENV_SUPERVISOR, ChildSpec
+from dvla_bus.node import deliberate_exit_marker
 from dvla_bus.reaper import reap
 
 __all__ = ["ChildStatus", "Supervisor"]
@@ -80,8 +84,10 @@ class Supervisor:
         poll_interval: float = 0.1,
         reap_every: float = 5.0,
         on_event: EventFn | None = None,
+        run_dir: Path | None = None,
     ) -> None:
         self._children = [_Child(s) for s in specs]
+        self.run_dir = run_dir
         self.grace = grace
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -142,12 +148,21 @@ class Supervisor:
     def _reap(self, child: _Child, now: float) -> None:
         assert child.proc is not None
         code = child.proc.returncode
+        pid = child.proc.pid
         child.last_exit = code
         ran = now - child.started_at
         child.proc = None
+        deliberate = self._deliberate(child, pid)  # consumes the record either way
         if code == 0:
             child.state = "done"
             self._on_event(f"{child.spec.name} finished")
+            return
+        if deliberate:
+            child.state = "done"
+            self._on_event(
+                f"{child.spec.name} finished, but its shutdown exited {code} (see "
+                f"{child.spec.log}); not restarting a node that stopped on purpose"
+            )
             return
         if code == EXIT_CONFIG:
             child.state = "failed"
@@ -166,6 +181,17 @@ class Supervisor:
         self._on_event(
             f"{child.spec.name} died ({how}) after {ran:.1f}s; restarting in {delay:.1f}s"
         )
+
+    def _deliberate(self, child: _Child, pid: int) -> bool:
+        """Did this process record that it was stopping on purpose (a stop command, SIGTERM, or
+        its work done) before it exited? Only nodes started with a run directory record it."""
+        if self.run_dir is None:
+            return False
+        marker = deliberate_exit_marker(self.run_dir, child.spec.name, pid)
+        found = marker.exists()
+        with contextlib.suppress(OSError):
+            marker.unlink()
+        return found
 
     async def run(self, stop: asyncio.Event) -> int:
         """Supervise until ``stop`` is set or no child is left to run; then stop the children.

@@ -150,3 +150,60 @@ def test_duration_ends_the_job(short_tmp: Path) -> None:
     assert "consumer.h.0" in text
     assert (short_tmp / "config.json").exists()
     assert (short_tmp / "logs" / "producer.h.0.log").exists()
+
+
+def test_node_that_stopped_on_purpose_is_not_restarted_even_if_shutdown_overran(
+    short_tmp: Path,
+) -> None:
+    """A node records that it is stopping on purpose before its teardown; if the teardown then
+    overruns the grace period (exit 1, stacks dumped), the supervisor must not restart it: the
+    job is over (restarting once failed forever against a control hub that was gone). A crash
+    without that record is still restarted."""
+    import asyncio
+    import sys
+
+    from dvla_bus.deploy import ChildSpec
+    from dvla_bus.supervisor import Supervisor
+
+    marker = (
+        "import os, sys, pathlib; from dvla_bus.node import mark_deliberate_exit; "
+        "mark_deliberate_exit(pathlib.Path(sys.argv[1]), sys.argv[2]); sys.exit(1)"
+    )
+    specs = [
+        ChildSpec(
+            "done.h.0",
+            "x",
+            (sys.executable, "-c", marker, str(short_tmp), "done.h.0"),
+            {},
+            short_tmp / "done.log",
+        ),
+        ChildSpec(
+            "crash.h.0",
+            "x",
+            (sys.executable, "-c", "import sys; sys.exit(1)"),
+            {},
+            short_tmp / "crash.log",
+        ),
+    ]
+    events: list[str] = []
+    sup = Supervisor(specs, backoff_max=0.2, on_event=events.append, run_dir=short_tmp)
+
+    async def supervise() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(sup.run(stop))
+        deadline = asyncio.get_running_loop().time() + 30
+        while asyncio.get_running_loop().time() < deadline:
+            by_name = {s.name: s for s in sup.status()}
+            if by_name["crash.h.0"].restarts >= 2 and by_name["done.h.0"].state == "done":
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        await task
+
+    asyncio.run(supervise())
+    by_name = {s.name: s for s in sup.status()}
+    assert by_name["done.h.0"].restarts == 0
+    assert by_name["done.h.0"].last_exit == 1
+    assert by_name["crash.h.0"].restarts >= 2
+    assert any("stopped on purpose" in e for e in events), events
+    assert not list((short_tmp / "exits").iterdir())  # markers are consumed

@@ -262,7 +262,9 @@ async def _main(args: argparse.Namespace) -> int:
         console.print(f"[dim]{stamp}[/dim] {line}", highlight=False)
 
     event(f"run directory {run_dir} (node logs in logs/)")
-    supervisor = Supervisor(specs, grace=args.grace, backoff_max=args.backoff_max, on_event=event)
+    supervisor = Supervisor(
+        specs, grace=args.grace, backoff_max=args.backoff_max, on_event=event, run_dir=run_dir
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -418,7 +418,9 @@ class RemoteVectorEnv:
         out: np.ndarray = self.recv()
         return out
 
-    def close(self, grace: float = 10.0) -> None:
+    def close(self, grace: float = 2.0) -> None:
+        """Ask the worker to exit; kill it after ``grace`` seconds. Short by default: a node's
+        teardown (which closes its shards) has its own grace period, 3-5 s."""
         if self._proc.poll() is None:
             with contextlib.suppress(OSError, EOFError, ResourceError):
                 if self._busy:  # let the worker finish the command it is on

@@ -21,6 +21,8 @@ ROLES: Final[dict[str, str]] = {
     "publisher": "dvla_nodes.publisher:Publisher",
     "learner": "dvla_nodes.pipeline:LearnerNode",
     "sampler": "dvla_nodes.pipeline:SamplerNode",
+    "cheetah_learner": "dvla_nodes.cheetah:CheetahLearner",
+    "cheetah_sampler": "dvla_nodes.cheetah:CheetahSampler",
     "inference": "dvla_nodes.inference:InferenceNode",
 }
 

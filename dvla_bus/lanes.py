@@ -125,19 +125,19 @@ def summarize_trace(doc: dict[str, Any]) -> dict[str, Any]:
     busy: dict[str, float] = {}
     for e in events:
         busy[e["name"]] = busy.get(e["name"], 0.0) + e["dur"]
-    # Sweep the interval end points: time with >= 2 open intervals of different lanes.
+    # Sweep the interval end points: time with >= 2 *processes* having an open interval.
     points = sorted(
-        [(e["ts"], 1, e["name"]) for e in events]
-        + [(e["ts"] + e["dur"], -1, e["name"]) for e in events]
+        [(e["ts"], 1, e.get("pid", 0)) for e in events]
+        + [(e["ts"] + e["dur"], -1, e.get("pid", 0)) for e in events]
     )
-    open_lanes: dict[str, int] = {}
+    open_by_process: dict[int, int] = {}
     overlap = 0.0
     last = start
-    for t, delta, lane in points:
-        if sum(1 for n in open_lanes.values() if n > 0) >= 2:
+    for t, delta, pid in points:
+        if sum(1 for n in open_by_process.values() if n > 0) >= 2:
             overlap += t - last
         last = t
-        open_lanes[lane] = open_lanes.get(lane, 0) + delta
+        open_by_process[pid] = open_by_process.get(pid, 0) + delta
     return {
         "span_s": span / 1e6,
         "utilisation": {k: v / span for k, v in sorted(busy.items())},

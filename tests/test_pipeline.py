@@ -8,8 +8,10 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
 from dvla_nodes.learn.rollout import Episodes
 from dvla_nodes.pipeline import (
@@ -19,6 +21,8 @@ from dvla_nodes.pipeline import (
     training_seed,
 )
 from tests.helpers import dvla, hub_status, members_by_node, spawn, stop, wait_for
+
+CHEETAH = "HalfCheetah-v5"
 
 
 def test_episodes_round_trip_through_message_arrays() -> None:
@@ -290,3 +294,162 @@ def test_samplers_act_through_a_remote_inference_node(short_tmp: Path) -> None:
     assert "inference" in lanes["inference.h.0"]
     assert "inference" not in lanes["sampler.h.0"]
     assert "sampling" in lanes["sampler.h.0"]
+
+
+# --- the job's benchmark suite -------------------------------------------------------------
+
+
+def _suite_topology(
+    tmp: Path,
+    learner: dict[str, Any],
+    sampler: str = "",
+    roles: str = "coordinator = 1, learner = 1, sampler = 1",
+) -> Path:
+    """A learner and a sampler (``roles``); ``learner`` overrides tiny GRPO settings."""
+    table = {
+        "group_size": 4,
+        "groups_per_iter": 1,
+        "eval_every": 0,
+        "eval_seeds": 1,
+        "final_eval_seeds": 1,
+        "max_version_lag": 1,
+        **learner,
+    }
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
+    topo = tmp / "s.toml"
+    topo.write_text(
+        f"""schema = 1
+name = "suite"
+[control]
+endpoint = "ipc://{tmp}/c.sock"
+heartbeat_timeout_s = 10.0
+[[hosts]]
+name = "h"
+roles = {{ {roles} }}
+[roles.learner]
+{lines}
+[roles.sampler]
+{sampler}
+"""
+    )
+    return topo
+
+
+def _run_up(topo: Path, run_dir: Path, *extra: str) -> list[dict[str, Any]]:
+    up = spawn(
+        ["up", str(topo), "--run-dir", str(run_dir), "--status-every", "0", *extra],
+        run_dir / "up.out",
+    )
+    try:
+        assert up.wait(timeout=150) == 0, (run_dir / "up.out").read_text()[-3000:]
+    finally:
+        stop(up)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_metaworld_job_trains_on_meta_world(short_tmp: Path) -> None:
+    """``suite = "metaworld"`` in ``[roles.learner]``: the learner's demonstrations, the
+    sampler's groups and the evaluations are Meta-World episodes (in workers under Meta-World's
+    own interpreter), and the policy is shaped by Meta-World's spec."""
+    from dvla_nodes.envs.suites import has_suite, suite_python
+
+    python = suite_python("metaworld")
+    if python is None or not has_suite("metaworld", python):
+        pytest.skip("metaworld is not installed: run `dvla env create metaworld`")
+    topo = _suite_topology(
+        short_tmp,
+        {
+            "suite": "metaworld",
+            "suite_tasks": "reach-v3",
+            "suite_max_steps": 25,
+            "suite_shaping_scale": 0.01,  # dense reward: groups differ, versions advance
+            "suite_camera": "corner2",
+            "image_size": 32,
+            "demos_per_task": 2,
+            "bc_epochs": 1,
+            "iterations": 3,  # the job ends after three GRPO updates (minutes: a backstop)
+            "minutes": 1.5,
+        },
+    )
+    records = _run_up(topo, short_tmp)
+    bc = [r for r in records if r["kind"] == "bc"]
+    assert len(bc) == 1
+    assert bc[0]["demos"] == 1 * 2  # one task, two scripted demonstrations
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["version"] for r in train] == [2, 3, 4], records  # three GRPO versions
+    assert all(r["success_by_task"] == {"reach-v3": r["success"]} for r in train)
+    final = records[-1]
+    assert final["kind"] == "final"
+    assert set(final["success_by_task"]) == {"reach-v3"}
+    ck = json.loads((short_tmp / "final.json").read_text())
+    assert ck["suite"]["name"] == "metaworld"
+    assert ck["suite"]["tasks"] == ["reach-v3"]
+    assert ck["suite"]["options"]["camera"] == "corner2"
+    assert (ck["policy"]["proprio_dim"], ck["policy"]["action_dim"]) == (5, 4)
+    assert ck["policy"]["aux_dim"] == 9  # Meta-World's object and goal positions
+    log = (short_tmp / "logs" / "learner.h.0.log").read_text()
+    assert "suite metaworld: 1 task(s) (reach-v3)" in log
+    # The run's checkpoints refuse a resume on another suite, before anything starts.
+    embedded = _pipeline_topology(short_tmp)
+    refused = dvla("up", str(embedded), "--resume", str(short_tmp))
+    assert refused.returncode == 2
+    assert "trained on suite 'metaworld', this job's suite is 'embedded'" in refused.stderr
+
+
+def test_a_suite_without_experts_starts_grpo_from_the_initial_policy(short_tmp: Path) -> None:
+    """The gym suite (in dvla's own environment, so this runs everywhere) has no scripted
+    experts: no cloning, the learner says so, and GRPO trains the initial policy on 6-d
+    HalfCheetah actions. The sampler acts through an inference node, which builds the policy
+    the learner advertises (it has no environments to learn the suite's shapes from).
+    ``--serial``: every node in one process (one event loop, while the suite's workers
+    start)."""
+    topo = _suite_topology(
+        short_tmp,
+        {
+            "suite": "gym",
+            "suite_tasks": CHEETAH,
+            "suite_max_steps": 6,
+            "image_size": 16,
+            "policy_stem": "patch",
+            "group_size": 2,
+            "iterations": 3,
+            "minutes": 1.5,
+        },
+        sampler='inference = "remote"',
+        roles="coordinator = 1, learner = 1, inference = 1, sampler = 1",
+    )
+    records = _run_up(topo, short_tmp, "--serial")
+    assert not [r for r in records if r["kind"] == "bc"]
+    (warm,) = [r for r in records if r["kind"] == "warm_start"]
+    assert warm["cloned"] is False
+    assert "no scripted expert" in str(warm["reason"])
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["version"] for r in train] == [2, 3, 4], records  # from version 1: the initial
+    assert records[-1]["kind"] == "final"
+    assert records[-1]["success_by_task"] == {CHEETAH: 0.0}  # HalfCheetah reports no success
+    ck = json.loads((short_tmp / "final.json").read_text())
+    assert (ck["policy"]["action_dim"], ck["policy"]["proprio_dim"]) == (6, 17)
+    assert ck["suite"]["has_expert"] is False
+    log = (short_tmp / "logs" / "serial.h.log").read_text()
+    assert "no warm start" in log
+    assert "built the learner's policy for suite gym" in log
+
+
+def test_up_refuses_a_bad_suite_choice_before_starting(short_tmp: Path) -> None:
+    """A job trains on the suite it names or does not start: exit 2 naming the key."""
+    unknown = dvla("up", str(_suite_topology(short_tmp, {"suite": "atari", "suite_tasks": "pg"})))
+    assert unknown.returncode == 2
+    assert "roles.learner: suite = 'atari': unknown suite" in unknown.stderr
+    assert not (short_tmp / "runs").exists()
+    # suite keys in the sampler's table would give the sampler another policy than the learner
+    misplaced = dvla(
+        "up", str(_suite_topology(short_tmp, {}, 'suite = "metaworld"\nsuite_tasks = "MT10"'))
+    )
+    assert misplaced.returncode == 2
+    assert "roles.sampler: suite, suite_tasks: the suite is a job-wide choice" in misplaced.stderr
+    assert "[roles.learner]" in misplaced.stderr
+    table = {"suite": "gym", "suite_tasks": CHEETAH, "suite_cam": "x"}
+    option = dvla("up", str(_suite_topology(short_tmp, table)))
+    assert option.returncode == 2
+    assert "unknown option 'cam'" in option.stderr

@@ -24,7 +24,10 @@ up to ``gather_ms`` after the first request for more, and stops waiting as soon 
 sampler (one heard from within the last second) has a request in the batch.
 
 **Weights.** The policy is built from the topology's ``[roles.learner]`` table
-(:func:`dvla_nodes.pipeline.train_config`, as the sampler does) and its parameters are *bound*
+(:func:`dvla_nodes.pipeline.train_config`, as the sampler does) — for a benchmark suite other
+than the embedded one, whose policy shapes come from the suite's spec, from the signature the
+learner advertises (its ``policy`` endpoint, :mod:`dvla_nodes.learn.suite`): until it has
+seen one, requests are answered ``no_weights``. Its parameters are *bound*
 to the host's shared-memory weight pool (:mod:`dvla_bus.weights`): no copy of the weights,
 ever. The pool is the one a learner on this host advertises (``endpoints["weights"]``), else the
 run's pool on this machine (:func:`dvla_bus.weights.find_weights`, e.g. a relay's). Each batch
@@ -52,6 +55,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,10 +73,19 @@ from dvla_bus.shm import SegmentName
 from dvla_bus.topology import load_topology
 from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
 from dvla_bus.weights import WeightReader, attach_weights, find_weights
+from dvla_nodes.learn.suite import (
+    POLICY_ENDPOINT,
+    policy_from_signature,
+    policy_mismatch,
+    policy_signature,
+    refuse_suite_keys,
+)
 from dvla_nodes.pipeline import train_config
 from dvla_nodes.policy import build_policy
 from dvla_nodes.policy.act import ActOutput, PolicyActor
 from dvla_nodes.policy.flat import FlatLayout, bind, flatten
+from dvla_nodes.policy.model import VLAPolicy
+from dvla_nodes.policy.tokenizer import Tokenizer
 
 __all__ = [
     "TOPIC",
@@ -286,6 +299,11 @@ class InferenceNode(Node):
 
     inbox: Inbox
 
+    @classmethod
+    def check_settings(cls, settings: Mapping[str, wire.Scalar]) -> None:
+        InferenceSettings.from_settings(settings)
+        refuse_suite_keys("inference", settings)
+
     async def setup(self) -> None:
         cfg = self.config
         topology = load_topology(cfg.topology_file) if cfg.topology_file else None
@@ -293,18 +311,20 @@ class InferenceNode(Node):
         self.train = train_config({**learner_settings, **cfg.settings})
         self.settings = InferenceSettings.from_settings(cfg.settings)
         torch.set_num_threads(self.settings.threads)
-        model, tok = build_policy(
-            self.train.policy_size,
-            self.train.image_size,
-            self.train.bins,
-            self.train.seed,
-            stem=self.train.policy_stem,
-        )
-        self.model = model
-        self.layout: FlatLayout
-        self.layout, _ = flatten(model)
-        self.actor = PolicyActor(model, tok, self.train.temperature)
-        self.proprio_dim = int(model.cfg.proprio_dim)
+        self.model: VLAPolicy | None = None
+        self.layout: FlatLayout | None = None
+        self.actor: PolicyActor | None = None
+        self.proprio_dim = -1
+        self.signature = ""
+        if self.train.suite == "embedded":  # its policy needs no environment to build
+            model, tok = build_policy(
+                self.train.policy_size,
+                self.train.image_size,
+                self.train.bins,
+                self.train.seed,
+                stem=self.train.policy_stem,
+            )
+            self._adopt(model, tok)
         self.gen = torch.Generator().manual_seed(self.train.seed + 5000 + cfg.index)
         self.reader: WeightReader | None = None
         self.resources.callback(self._close_reader)
@@ -336,8 +356,47 @@ class InferenceNode(Node):
             self.reader = None
             self._bound = None
 
+    def _adopt(self, model: VLAPolicy, tok: Tokenizer) -> None:
+        self.model = model
+        self.layout, _ = flatten(model)
+        self.actor = PolicyActor(model, tok, self.train.temperature)
+        self.proprio_dim = int(model.cfg.proprio_dim)
+        self.signature = policy_signature(self.train.suite, model, tok)
+
+    def _follow_policy(self, theirs: str) -> None:
+        """The learner's policy signature: build it (a suite other than the embedded one) or
+        check ours against it."""
+        if self.model is not None:
+            diff = policy_mismatch(self.signature, theirs)
+            if diff and not self.counters.get("policy_mismatch"):
+                self.log.error("this node's policy differs from the learner's: %s", diff)
+            self.counters["policy_mismatch"] = int(bool(diff))
+            return
+        try:
+            model, tok = policy_from_signature(theirs, self.train.seed)
+        except ConfigError as exc:
+            self.counters["policy_mismatch"] = 1
+            self.log.error("%s", exc)
+            return
+        if model.cfg.image_size != self.train.image_size:
+            self.log.error(
+                "the learner's policy takes %d-pixel images, [roles.learner] says %d",
+                model.cfg.image_size,
+                self.train.image_size,
+            )
+        self._adopt(model, tok)
+        self.log.info(
+            "built the learner's policy for suite %s: %d parameters, proprio %d, actions %d",
+            self.train.suite,
+            model.num_params,
+            model.cfg.proprio_dim,
+            model.cfg.action_dim,
+        )
+
     def on_members(self, members: tuple[wire.MemberInfo, ...]) -> None:
         for m in members:
+            if m.role == "learner" and m.state != "dead" and m.endpoints.get(POLICY_ENDPOINT):
+                self._follow_policy(m.endpoints[POLICY_ENDPOINT])
             segment = m.endpoints.get("weights", "")
             if m.role == "learner" and m.host == self.config.host and m.state != "dead" and segment:
                 self._learner_segment = segment
@@ -355,6 +414,8 @@ class InferenceNode(Node):
         return max(found, key=lambda n: SegmentName.parse(n).start_time)
 
     def _follow_pool(self) -> None:
+        if self.layout is None:  # no policy yet: nothing to bind weights to
+            return
         segment = self._wanted_segment()
         if not segment or (self.reader is not None and self.reader.name == segment):
             return
@@ -431,6 +492,10 @@ class InferenceNode(Node):
     def _decode(self, batch: list[Delivery]) -> list[_Item]:
         items = []
         for d in batch:
+            if self.actor is None:
+                why = f"waiting for the learner's policy for suite {self.train.suite!r}"
+                items.append(_Item(d, None, InferenceError("no_weights", why)))
+                continue
             try:
                 req = ActRequest.decode(d.meta, d.arrays, self.train.image_size, self.proprio_dim)
                 items.append(_Item(d, req, None))
@@ -444,15 +509,19 @@ class InferenceNode(Node):
         """In the inference thread: pin the active version for exactly this forward pass."""
         reader = self.reader
         assert reader is not None
+        model, layout, actor = self.model, self.layout, self.actor
+        assert model is not None
+        assert layout is not None
+        assert actor is not None
         with reader.pin(timeout=1.0) as pinned:
             key = (self._reader_gen, pinned.slot)
             if self._bound != key:
                 # Parameters become views of the pinned slot: zero copy, and while the pin is
                 # held the writer cannot reuse that slot.
-                bind(self.model, self.layout, pinned.tensors()["flat"])
+                bind(model, layout, pinned.tensors()["flat"])
                 self._bound = key
             t0 = time.perf_counter()
-            out = self.actor.act(images, proprio, ins, generator=self.gen)
+            out = actor.act(images, proprio, ins, generator=self.gen)
             return out, pinned.version, time.perf_counter() - t0
 
     async def run(self) -> None:
@@ -619,6 +688,9 @@ class RemotePolicy:
         self._endpoints: list[str] = []
         self.stats = _ClientStats()
         self._reader: asyncio.Task[None] | None = None
+        self._calls: set[concurrent.futures.Future[RemoteAct]] = set()
+        self._calls_lock = threading.Lock()
+        self._aborted = False
 
     # --- peers ---------------------------------------------------------------------------------
 
@@ -666,12 +738,16 @@ class RemotePolicy:
                 "RemotePolicy called on its own event loop's thread (it would deadlock): "
                 "call it from an executor thread, or await act_async() on the loop"
             )
+        if self._aborted:
+            raise DvlaError("RemotePolicy: aborted (its node is stopping)")
         coro = self.act_async(images, proprio, instructions)
         try:
             fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         except RuntimeError:  # the loop is closed: the node is shutting down
             coro.close()
             raise DeadlineExceeded("RemotePolicy: its event loop is closed") from None
+        with self._calls_lock:
+            self._calls.add(fut)
         try:
             # act_async keeps its own deadline; this one only guards a stopped loop.
             return fut.result(timeout=self.deadline_s + 1.0)
@@ -681,6 +757,21 @@ class RemotePolicy:
                 f"RemotePolicy: no answer within {self.deadline_s:.1f}s from {self._endpoints} "
                 "(its event loop is not running?)"
             ) from None
+        except concurrent.futures.CancelledError:
+            raise DvlaError("RemotePolicy: aborted (its node is stopping)") from None
+        finally:
+            with self._calls_lock:
+                self._calls.discard(fut)
+
+    def abort(self) -> None:
+        """End every call in flight now, and refuse new ones (:class:`DvlaError`): a stopping
+        node's rollout thread must finish before its environments close, and the inference
+        node it waits on may already be gone. Thread-safe."""
+        self._aborted = True
+        with self._calls_lock:
+            calls = list(self._calls)
+        for fut in calls:
+            fut.cancel()
 
     async def act_async(
         self,

@@ -18,9 +18,14 @@ The learner admits a group only if its version lags the current one by at most
 ``groups_per_iter`` admitted groups make one update and one new version.
 
 The training configuration is ``[roles.learner]`` of the topology (any
-:class:`~dvla_nodes.learn.config.TrainConfig` field); samplers read the same table from the
-topology file so both sides build the same policy. When ``minutes`` (or ``iterations``) run out,
-the learner evaluates, writes its final checkpoint and stops the job through the control bus.
+:class:`~dvla_nodes.learn.config.TrainConfig` field, and the job's benchmark suite: ``suite``,
+``suite_tasks``, ``suite_python``, ``suite_<option>``, see :mod:`dvla_nodes.learn.suite`);
+samplers read the same table from the topology file so both sides build the same policy — its
+shapes and vocabulary from the suite's spec. The learner runs its own environments of the suite
+(a worker process under the suite's interpreter) for the warm start's demonstrations and the
+evaluations; a suite without scripted experts starts GRPO from the initial policy. When
+``minutes`` (or ``iterations``) run out, the learner evaluates, writes its final checkpoint and
+stops the job through the control bus.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import threading
 import time
 import typing
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -44,21 +50,33 @@ from dvla_bus.node import Node
 from dvla_bus.sockets import open_context
 from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
 from dvla_bus.weights import Manifest, WeightPool, WeightReader, attach_weights, create_weight_pool
-from dvla_nodes.envs.tasks import MAX_STEPS
 from dvla_nodes.learn.checkpoint import Checkpoint, load_checkpoint, restore_moments
 from dvla_nodes.learn.config import DEMO_SEED_BASE, EVAL_SEED_BASE, TrainConfig
 from dvla_nodes.learn.learner import Learner, episode_rewards
 from dvla_nodes.learn.metrics import MetricsLog, plot_success, read_metrics
 from dvla_nodes.learn.rollout import Assignment, Episodes, Shard, run_episodes
+from dvla_nodes.learn.suite import (
+    POLICY_ENDPOINT,
+    JobShards,
+    build_suite_policy,
+    check_available,
+    check_resume_policy,
+    check_resume_suite,
+    job_suite,
+    no_expert_reason,
+    open_job_shards,
+    policy_mismatch,
+    policy_signature,
+    refuse_suite_keys,
+    suite_record,
+)
 from dvla_nodes.learn.trainer import (
     EvalResult,
     checkpoint_learner,
     collect_demos,
     evaluate,
-    open_shards,
     rollout_threads,
 )
-from dvla_nodes.policy import build_policy
 from dvla_nodes.policy.act import ActOutput, PolicyActor
 from dvla_nodes.policy.flat import flatten
 
@@ -77,11 +95,14 @@ TOPIC = "trajectories"
 TRAIN_SEED_SPAN = 400_000
 assert TRAIN_SEED_SPAN <= DEMO_SEED_BASE < EVAL_SEED_BASE
 SEP = "\x1f"  # unit separator: joins task names and instructions in message metadata
+T = TypeVar("T")
 
 
 def train_config(settings: Mapping[str, wire.Scalar]) -> TrainConfig:
     """A :class:`TrainConfig` from a topology's ``[roles.learner]`` table (unknown keys that are
-    not TrainConfig fields are ignored: they configure the node, e.g. ``watchdog_s``)."""
+    not TrainConfig fields are ignored: they configure the node, e.g. ``watchdog_s``, or the
+    suite's environments, ``suite_<option>``). ``suite_tasks`` names the job's tasks like
+    ``tasks`` (give one of them); a suite other than the embedded one needs them."""
     hints = typing.get_type_hints(TrainConfig)
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(TrainConfig):
@@ -99,7 +120,60 @@ def train_config(settings: Mapping[str, wire.Scalar]) -> TrainConfig:
             changes[f.name] = str(value)
         else:  # tuple[str, ...]: comma-separated
             changes[f.name] = tuple(s.strip() for s in str(value).split(",") if s.strip())
+    if "suite_tasks" in settings:
+        if "tasks" in settings:
+            raise ConfigError("tasks and suite_tasks both given: name the job's tasks once")
+        raw = str(settings["suite_tasks"])
+        changes["tasks"] = tuple(s.strip() for s in raw.split(",") if s.strip())
+    suite = str(changes.get("suite", "embedded"))
+    if suite != "embedded" and "tasks" not in changes:
+        raise ConfigError(
+            f"suite = {suite!r} needs suite_tasks (comma-separated task names of that suite)"
+        )
     return dataclasses.replace(TrainConfig(display=False), **changes)
+
+
+async def enter_in_thread(
+    stack: contextlib.AsyncExitStack[Any], cm: contextlib.AbstractContextManager[T]
+) -> T:
+    """Enter ``cm`` in an executor thread and have ``stack`` exit it. Starting a suite's
+    environment workers takes seconds (LIBERO: ~10): the event loop — in ``--serial`` mode
+    every node's — keeps running meanwhile. Cancelled while entering, ``cm`` is exited as soon
+    as its entry finishes, so no worker is left behind."""
+    fut = asyncio.get_running_loop().run_in_executor(None, cm.__enter__)
+    try:
+        value = await asyncio.shield(fut)
+    except asyncio.CancelledError:
+
+        def exit_late(f: asyncio.Future[T]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                cm.__exit__(None, None, None)
+
+        fut.add_done_callback(exit_late)
+        raise
+    stack.push(cm.__exit__)
+    return value
+
+
+async def on_shards(
+    fn: Callable[[], T], stop: threading.Event, interrupt: Callable[[], None] | None = None
+) -> T:
+    """``fn()`` — which steps a node's environment shards — in an executor thread. If the
+    caller is cancelled (the node is stopping), ``stop`` asks the rollout to end (and
+    ``interrupt`` ends a remote policy call it may be blocked in) and the call returns only
+    once the shards are quiet (within one environment step): a shard must never be read by two
+    threads, and teardown closes them right after."""
+    fut = asyncio.get_running_loop().run_in_executor(None, fn)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        stop.set()
+        if interrupt is not None:
+            interrupt()
+        await asyncio.wait([fut])
+        if not fut.cancelled():
+            fut.exception()  # retrieved: RolloutAborted is the expected end
+        raise
 
 
 def training_seed(run_seed: int, sampler: int, k: int) -> int:
@@ -165,20 +239,28 @@ class LearnerNode(Node):
 
     @classmethod
     def check_settings(cls, settings: Mapping[str, wire.Scalar]) -> None:
-        train_config(settings)
+        # The suite's name, tasks and options, and an interpreter that has it: everything
+        # `dvla up` can refuse (exit 2) before any process starts.
+        check_available(job_suite(train_config(settings), settings))
 
     async def setup(self) -> None:
         cfg = self.config
         self.train = train_config(cfg.settings)
+        self.suite = job_suite(self.train, cfg.settings)
         torch.set_num_threads(max(1, self.train.torch_threads))
         torch.manual_seed(self.train.seed)
-        model, tok = build_policy(
-            self.train.policy_size,
-            self.train.image_size,
-            self.train.bins,
-            self.train.seed,
-            stem=self.train.policy_stem,
+        # The learner's own environments (demonstrations, evaluations) in a worker process —
+        # rendering never runs on this event loop or the executor thread (an EGL context is
+        # bound to the thread that made it). Opened first: the suite's spec shapes the policy.
+        self._stop_rollouts = threading.Event()
+        self.envs: JobShards = await enter_in_thread(
+            self.resources,
+            open_job_shards(self.train, self.suite, max(1, self.train.group_size), 1),
         )
+        spec = self.envs.spec
+        if spec.suite != "embedded":  # MT10 -> its ten tasks: what samplers and evals use
+            self.train = self.train.replace(tasks=spec.tasks)
+        model, tok = build_suite_policy(self.train, spec)
         self.learner = Learner(model, tok, self.train)
         self.actor = PolicyActor(model, tok, self.train.temperature)
         self.inbox = await self.open_inbox(window=4)
@@ -187,6 +269,21 @@ class LearnerNode(Node):
             create_weight_pool(cfg.run_id, "learner", Manifest.from_arrays({"flat": flat}))
         )
         self.endpoints["weights"] = self.pool.name
+        self.endpoints[POLICY_ENDPOINT] = policy_signature(spec.suite, model, tok)
+        self._suite_record = suite_record(self.suite, spec, tok)
+        self.log.info(
+            "suite %s: %d task(s) (%s), actions %d-d (%s), proprio %d, state %d, expert %s, "
+            "policy %d parameters",
+            spec.suite,
+            len(spec.tasks),
+            ", ".join(spec.tasks[:4]) + (", ..." if len(spec.tasks) > 4 else ""),
+            spec.action_dim,
+            spec.action_mapping,
+            spec.proprio_dim,
+            spec.state_dim,
+            "yes" if spec.has_expert else "no",
+            model.num_params,
+        )
         self.metrics = MetricsLog(cfg.run_dir / "metrics.jsonl")
         self.resources.callback(self.metrics.close)
 
@@ -213,10 +310,16 @@ class LearnerNode(Node):
 
     async def run(self) -> None:
         t = self.train
+        spec = self.envs.spec
+        shards = self.envs.shards
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         rng = np.random.default_rng(t.seed)
         ck = self._restore()
+        if ck is not None:
+            where = f"checkpoint in {self.config.run_dir}"
+            check_resume_suite(ck.meta, spec.suite, where)
+            check_resume_policy(ck.meta, self.learner.model, self.learner.tokenizer, where)
         offset = float(ck.meta["metrics"].get("elapsed", 0.0)) if ck is not None else 0.0
         iterations = int(ck.meta["step"]) if ck is not None else 0
         env_steps = int(ck.meta["metrics"].get("env_steps", 0)) if ck is not None else 0
@@ -225,103 +328,115 @@ class LearnerNode(Node):
             return offset + time.perf_counter() - t0
 
         self._now = now
-        # Environments in a worker process: rendering never runs on this event loop or the
-        # executor thread (an EGL context is bound to the thread that made it).
-        with open_shards(max(1, t.group_size), 1, t.image_size) as shards:
-            # Warm start by behaviour cloning on scripted demonstrations (in this process).
-            # Not a swimlane: it runs once, for minutes, before the lanes start (a lane
-            # busy that long would rightly trip the hang watchdog). A resumed learner skips the
-            # cloning but collects the same demonstrations again for the cloning anchor.
-            demos: Episodes | None = None
-            if ck is None or t.rl_bc_coef > 0:
-                demos = await loop.run_in_executor(None, collect_demos, shards, t, rng)
-            if ck is None:
-                assert demos is not None
-                env_steps += demos.num_steps
-                bc = await loop.run_in_executor(None, self.learner.behaviour_clone, demos)
-                self.learner.version = max(self.learner.version, 1)
-                self.metrics.write(
-                    {
-                        "kind": "bc",
-                        "t": now(),
-                        "demos": demos.num_episodes,
-                        "loss": bc.loss,
-                        "token_accuracy": bc.token_accuracy,
-                    }
-                )
-            else:
-                self._load(ck, await self._hub_latest_version())
-            self.learner.set_anchor(demos if t.rl_bc_coef > 0 else None)
-            self._publish()
-            await self._announce()
-            if ck is None:
-                await self._evaluate(shards, "eval", t.eval_seeds, env_steps)
-                self._checkpoint("latest", 0, {"elapsed": now(), "env_steps": env_steps})
-            pending: list[Episodes] = []
-            stale = future = 0
-            while iterations < t.iterations and now() < t.minutes * 60:
-                await self.wait_unpaused()
-                try:
-                    got: Delivery = await self.inbox.recv(timeout=1.0)
-                except TimeoutError:
-                    continue
-                with got:
-                    eps = episodes_from_arrays(got.meta, got.arrays)
-                lag = self.learner.version - int(got.meta.get("version", -1))
-                if lag > t.max_version_lag:
-                    stale += 1
-                    self.counters["stale_groups"] = stale
-                    continue
-                if lag < 0:  # sampled with a version this learner never made (before a restart)
-                    future += 1
-                    self.counters["future_groups"] = future
-                    continue
-                pending.append(eps)
-                self.counters["admitted_groups"] = self.counters.get("admitted_groups", 0) + 1
-                if len(pending) < t.groups_per_iter:
-                    continue
-                batch = Episodes.concat(pending)
-                pending = []
-                iterations += 1
-                env_steps += batch.num_steps
-                self.learner.set_lr(t.lr * min(1.0, iterations / max(1, t.lr_warmup)))
-                with self.lanes.busy("gradient"):
-                    up = await loop.run_in_executor(None, self.learner.update, batch)
+        # Warm start by behaviour cloning on scripted demonstrations (in this process).
+        # Not a swimlane: it runs once, for minutes, before the lanes start (a lane
+        # busy that long would rightly trip the hang watchdog). A resumed learner skips the
+        # cloning but collects the same demonstrations again for the cloning anchor.
+        # A suite without scripted experts has neither: GRPO from the initial policy.
+        demos: Episodes | None = None
+        if spec.has_expert and (ck is None or t.rl_bc_coef > 0):
+            demos = await on_shards(
+                lambda: collect_demos(shards, t, rng, self._stop_rollouts), self._stop_rollouts
+            )
+        if ck is None and demos is None:
+            self.learner.version = max(self.learner.version, 1)
+            reason = no_expert_reason(spec)
+            self.log.info("no warm start: %s", reason)
+            self.metrics.write(
+                {"kind": "warm_start", "t": now(), "cloned": False, "reason": reason}
+            )
+        elif ck is None:
+            assert demos is not None
+            env_steps += demos.num_steps
+            bc = await loop.run_in_executor(None, self.learner.behaviour_clone, demos)
+            self.learner.version = max(self.learner.version, 1)
+            self.metrics.write(
+                {
+                    "kind": "bc",
+                    "t": now(),
+                    "demos": demos.num_episodes,
+                    "loss": bc.loss,
+                    "token_accuracy": bc.token_accuracy,
+                }
+            )
+        else:
+            self._load(ck, await self._hub_latest_version())
+        self.learner.set_anchor(demos if t.rl_bc_coef > 0 else None)
+        self._publish()
+        await self._announce()
+        if ck is None:
+            await self._evaluate(shards, "eval", t.eval_seeds, env_steps)
+            self._checkpoint("latest", 0, {"elapsed": now(), "env_steps": env_steps})
+        pending: list[Episodes] = []
+        stale = future = 0
+        while iterations < t.iterations and now() < t.minutes * 60:
+            await self.wait_unpaused()
+            try:
+                got: Delivery = await self.inbox.recv(timeout=1.0)
+            except TimeoutError:
+                continue
+            with got:
+                eps = episodes_from_arrays(got.meta, got.arrays)
+            lag = self.learner.version - int(got.meta.get("version", -1))
+            if lag > t.max_version_lag:
+                stale += 1
+                self.counters["stale_groups"] = stale
+                continue
+            if lag < 0:  # sampled with a version this learner never made (before a restart)
+                future += 1
+                self.counters["future_groups"] = future
+                continue
+            pending.append(eps)
+            self.counters["admitted_groups"] = self.counters.get("admitted_groups", 0) + 1
+            if len(pending) < t.groups_per_iter:
+                continue
+            batch = Episodes.concat(pending)
+            pending = []
+            iterations += 1
+            env_steps += batch.num_steps
+            self.learner.set_lr(t.lr * min(1.0, iterations / max(1, t.lr_warmup)))
+            before = self.learner.version
+            with self.lanes.busy("gradient"):
+                up = await loop.run_in_executor(None, self.learner.update, batch)
+            if up.version != before:
                 self._publish()
                 await self._announce()
-                self.gauges["success"] = float(batch.success.mean())
-                self.counters["iterations"] = iterations
-                self.metrics.write(
+            else:  # every group's rewards were equal (sparse success, all failed): no update
+                self.counters["no_signal_batches"] = self.counters.get("no_signal_batches", 0) + 1
+            self.gauges["success"] = float(batch.success.mean())
+            self.counters["iterations"] = iterations
+            self.metrics.write(
+                {
+                    "kind": "train",
+                    "t": now(),
+                    "iteration": iterations,
+                    "version": up.version,
+                    "success": float(batch.success.mean()),
+                    "success_by_task": batch.success_by_task(),
+                    "reward": float(episode_rewards(batch, t).mean()),
+                    "loss": up.loss,
+                    "groups": up.groups,
+                    "skipped_groups": up.skipped_groups,
+                    "updated": up.version != before,
+                    "stale_groups": stale,
+                    "lag_max": int(lag),
+                    "env_steps": env_steps,
+                }
+            )
+            if t.eval_every > 0 and iterations % t.eval_every == 0:
+                await self._evaluate(shards, "eval", t.eval_seeds, env_steps)
+            if t.checkpoint_every > 0 and iterations % t.checkpoint_every == 0:
+                self._checkpoint(
+                    "latest",
+                    iterations,
                     {
-                        "kind": "train",
-                        "t": now(),
-                        "iteration": iterations,
-                        "version": up.version,
                         "success": float(batch.success.mean()),
-                        "success_by_task": batch.success_by_task(),
-                        "reward": float(episode_rewards(batch, t).mean()),
-                        "loss": up.loss,
-                        "groups": up.groups,
-                        "skipped_groups": up.skipped_groups,
-                        "stale_groups": stale,
-                        "lag_max": int(lag),
+                        "elapsed": now(),
                         "env_steps": env_steps,
-                    }
+                    },
                 )
-                if t.eval_every > 0 and iterations % t.eval_every == 0:
-                    await self._evaluate(shards, "eval", t.eval_seeds, env_steps)
-                if t.checkpoint_every > 0 and iterations % t.checkpoint_every == 0:
-                    self._checkpoint(
-                        "latest",
-                        iterations,
-                        {
-                            "success": float(batch.success.mean()),
-                            "elapsed": now(),
-                            "env_steps": env_steps,
-                        },
-                    )
-            train_seconds = now()
-            final = await self._evaluate(shards, "final", t.final_eval_seeds, env_steps)
+        train_seconds = now()
+        final = await self._evaluate(shards, "final", t.final_eval_seeds, env_steps)
         self._checkpoint(
             "final",
             iterations,
@@ -377,9 +492,16 @@ class LearnerNode(Node):
         self, shards: Sequence[Shard], kind: str, seeds: int, env_steps: int
     ) -> EvalResult:
         t = self.train
-        ev = await asyncio.get_running_loop().run_in_executor(
-            None,
-            lambda: evaluate(shards, self.actor, t.tasks, max(1, seeds), greedy=t.eval_greedy),
+        ev = await on_shards(
+            lambda: evaluate(
+                shards,
+                self.actor,
+                t.tasks,
+                max(1, seeds),
+                greedy=t.eval_greedy,
+                stop=self._stop_rollouts,
+            ),
+            self._stop_rollouts,
         )
         self.gauges["eval_success"] = ev.success
         self.metrics.write(
@@ -397,7 +519,14 @@ class LearnerNode(Node):
         return ev
 
     def _checkpoint(self, name: str, step: int, metrics: dict[str, Any]) -> None:
-        checkpoint_learner(self.config.run_dir, self.learner, name, step, metrics)
+        checkpoint_learner(
+            self.config.run_dir,
+            self.learner,
+            name,
+            step,
+            metrics,
+            extra={"suite": self._suite_record},
+        )
 
     async def _announce(self) -> None:
         self.set_weight_version(self.learner.version)
@@ -433,20 +562,32 @@ class SamplerNode(Node):
             raise ConfigError(f"inference={mode!r}: expected one of {', '.join(INFERENCE_MODES)}")
         if float(settings.get("inference_deadline_s", 30.0)) <= 0:
             raise ConfigError("inference_deadline_s must be > 0")
+        refuse_suite_keys("sampler", settings, allowed=("suite_python",))
 
     async def setup(self) -> None:
         cfg = self.config
         topology = load_job_topology(cfg.topology_file) if cfg.topology_file else None
         learner_settings = topology.settings("learner") if topology else {}
         self.train = train_config({**learner_settings, **cfg.settings})
+        self.suite = job_suite(self.train, learner_settings, cfg.settings)
         torch.set_num_threads(1)
-        model, tok = build_policy(
-            self.train.policy_size,
-            self.train.image_size,
-            self.train.bins,
-            self.train.seed,
-            stem=self.train.policy_stem,
+        # The embedded suite: one worker process, as always. Another suite's environments are
+        # heavier (LIBERO ~10 steps/s each): up to env_workers processes step them in parallel.
+        workers = (
+            1
+            if self.suite.name == "embedded"
+            else min(self.train.env_workers, self.train.group_size)
         )
+        self._stop_rollouts = threading.Event()
+        self.envs: JobShards = await enter_in_thread(
+            self.resources, open_job_shards(self.train, self.suite, self.train.group_size, workers)
+        )
+        spec = self.envs.spec
+        if spec.suite != "embedded":
+            self.train = self.train.replace(tasks=spec.tasks)
+        model, tok = build_suite_policy(self.train, spec)
+        self.signature = policy_signature(spec.suite, model, tok)
+        self.mismatch = ""  # what differs from the learner's policy (empty: nothing)
         self.model = model
         _, self.flat = flatten(model)
         self.actor = PolicyActor(model, tok, self.train.temperature)
@@ -479,7 +620,9 @@ class SamplerNode(Node):
                     host=cfg.host,
                     run=cfg.run_id,
                     deadline_s=float(cfg.settings.get("inference_deadline_s", 30.0)),
-                    slab_size=request_bytes(self.train.group_size, self.train.image_size),
+                    slab_size=request_bytes(
+                        self.train.group_size, self.train.image_size, spec.proprio_dim
+                    ),
                     credentials=cfg.data_credentials,
                 )
             )
@@ -495,9 +638,11 @@ class SamplerNode(Node):
             self.reader = None
 
     def _slab_bytes(self) -> int:
-        t = self.train
-        steps = t.group_size * max(MAX_STEPS.values())  # the longest episodes of the suite
-        per_step = t.image_size * t.image_size * 3 + 1024  # image + proprio/state/tokens/logp
+        t, spec = self.train, self.envs.spec
+        steps = t.group_size * max(spec.max_steps)  # the longest episodes of the job's tasks
+        # image + proprio/state (float32) + tokens (int64) and logp (float32) per action dim
+        per_row = 4 * (spec.proprio_dim + spec.state_dim) + 12 * spec.action_dim
+        per_step = t.image_size * t.image_size * 3 + max(1024, per_row + 64)
         return steps * per_step + (1 << 20)
 
     def on_members(self, members: tuple[wire.MemberInfo, ...]) -> None:
@@ -508,6 +653,9 @@ class SamplerNode(Node):
                 continue
             if m.endpoints.get("data"):
                 asyncio.get_running_loop().create_task(self.outbox.connect(m.endpoints["data"]))
+            theirs = m.endpoints.get(POLICY_ENDPOINT, "")
+            if theirs:
+                self.mismatch = policy_mismatch(self.signature, theirs)
             segment = m.endpoints.get("weights", "")
             if segment and segment != self.weights_segment:
                 # A (re)started learner has a new pool: follow it, and its version numbers.
@@ -529,80 +677,92 @@ class SamplerNode(Node):
             self.set_weight_version(self.version)
             return
         with self.reader.pin() as pinned:
-            self.flat.copy_(torch.from_numpy(np.array(pinned.arrays["flat"])))
+            flat = pinned.arrays["flat"]
+            if flat.shape != tuple(self.flat.shape):
+                raise ConfigError(
+                    f"the learner's weights are {flat.shape}, this sampler's policy "
+                    f"{tuple(self.flat.shape)}: they were built for different suites or settings"
+                )
+            self.flat.copy_(torch.from_numpy(np.array(flat)))
             self.version = pinned.version
         self.set_weight_version(self.version)
 
     async def run(self) -> None:
         t = self.train
-        loop = asyncio.get_running_loop()
         rng = np.random.default_rng(t.seed + 7919 * (self.config.index + 1))
         groups = 0
         recent = dict.fromkeys(t.tasks, 0.5)  # recent success per task, this sampler's groups
-        with open_shards(t.group_size, 1, t.image_size) as shards:
-            while True:
-                await self.wait_unpaused()
-                self._refresh_weights()
-                ready = self.outbox.statistics().peers and (
-                    self.remote is None or self.remote.connected
+        shards = self.envs.shards  # the node's: opened in setup, closed at teardown
+        while True:
+            await self.wait_unpaused()
+            if self.mismatch:
+                raise ConfigError(
+                    f"this sampler's policy differs from the learner's: {self.mismatch}"
                 )
-                if self.version < 1 or not ready:
-                    await asyncio.sleep(0.2)
-                    continue
-                # Tasks whose groups are most likely to differ in outcome are sampled most,
-                # as in the serial trainer: sqrt(p (1 - p)) + task_floor.
-                weights = np.array(
-                    [np.sqrt(recent[x] * (1.0 - recent[x])) + t.task_floor for x in t.tasks]
-                )
-                task = t.tasks[int(rng.choice(len(t.tasks), p=weights / weights.sum()))]
-                groups += 1
-                seed = training_seed(t.seed, self.config.index, groups)
-                assignments = [Assignment(task, seed, 0)] * t.group_size
-                version = self.version
+            self._refresh_weights()
+            ready = self.outbox.statistics().peers and (
+                self.remote is None or self.remote.connected
+            )
+            if self.version < 1 or not ready:
+                await asyncio.sleep(0.2)
+                continue
+            # Tasks whose groups are most likely to differ in outcome are sampled most,
+            # as in the serial trainer: sqrt(p (1 - p)) + task_floor.
+            weights = np.array(
+                [np.sqrt(recent[x] * (1.0 - recent[x])) + t.task_floor for x in t.tasks]
+            )
+            task = t.tasks[int(rng.choice(len(t.tasks), p=weights / weights.sum()))]
+            groups += 1
+            seed = training_seed(t.seed, self.config.index, groups)
+            assignments = [Assignment(task, seed, 0)] * t.group_size
+            version = self.version
 
-                served: list[int] = []  # versions the inference nodes used (remote mode)
+            served: list[int] = []  # versions the inference nodes used (remote mode)
 
-                def policy(
-                    im: np.ndarray, pr: np.ndarray, ins: Sequence[str], served: list[int] = served
-                ) -> ActOutput:
-                    if self.remote is not None:
-                        act = self.remote(im, pr, ins)
-                        served.append(act.version)
-                        return act
-                    with self.lanes.busy("inference"):
-                        return self.actor.act(im, pr, ins, generator=self.gen)
+            def policy(
+                im: np.ndarray, pr: np.ndarray, ins: Sequence[str], served: list[int] = served
+            ) -> ActOutput:
+                if self.remote is not None:
+                    act = self.remote(im, pr, ins)
+                    served.append(act.version)
+                    return act
+                with self.lanes.busy("inference"):
+                    return self.actor.act(im, pr, ins, generator=self.gen)
 
-                def roll(
-                    assignments: list[Assignment] = assignments, version: int = version
-                ) -> Episodes:
-                    with rollout_threads(shards), self.lanes.busy("sampling"):
-                        return run_episodes(
-                            shards, assignments, policy, version=version, bins=t.bins
-                        )
-
-                t_roll = time.perf_counter()
-                try:
-                    eps = await loop.run_in_executor(None, roll)
-                except DeadlineExceeded as exc:  # an inference node died or is restarting
-                    self.counters["inference_timeouts"] = (
-                        self.counters.get("inference_timeouts", 0) + 1
+            def roll(
+                assignments: list[Assignment] = assignments, version: int = version
+            ) -> Episodes:
+                with rollout_threads(shards), self.lanes.busy("sampling"):
+                    return run_episodes(
+                        shards,
+                        assignments,
+                        policy,
+                        version=version,
+                        bins=t.bins,
+                        stop=self._stop_rollouts,
                     )
-                    self.log.warning("group abandoned: %s", exc)
-                    continue
-                if served:
-                    # Remote inference may switch versions mid-group: the group counts as the
-                    # oldest version that acted in it (the learner's staleness bound stays
-                    # conservative; the recorded behaviour log-probs stay exact).
-                    if min(served) != max(served):
-                        self.counters["mixed_version_groups"] = (
-                            self.counters.get("mixed_version_groups", 0) + 1
-                        )
-                    eps = dataclasses.replace(eps, version=np.full_like(eps.version, min(served)))
-                self.gauges["env_steps_per_s"] = eps.num_steps / max(
-                    1e-9, time.perf_counter() - t_roll
+
+            t_roll = time.perf_counter()
+            try:
+                eps = await on_shards(
+                    roll, self._stop_rollouts, self.remote.abort if self.remote else None
                 )
-                meta, arrays = episodes_to_arrays(eps)
-                await self.outbox.send(meta, arrays, topic=TOPIC, timeout=120)
-                self.counters["groups_sent"] = self.counters.get("groups_sent", 0) + 1
-                self.gauges["success"] = float(eps.success.mean())
-                recent[task] = 0.7 * recent[task] + 0.3 * float(eps.success.mean())
+            except DeadlineExceeded as exc:  # an inference node died or is restarting
+                self.counters["inference_timeouts"] = self.counters.get("inference_timeouts", 0) + 1
+                self.log.warning("group abandoned: %s", exc)
+                continue
+            if served:
+                # Remote inference may switch versions mid-group: the group counts as the
+                # oldest version that acted in it (the learner's staleness bound stays
+                # conservative; the recorded behaviour log-probs stay exact).
+                if min(served) != max(served):
+                    self.counters["mixed_version_groups"] = (
+                        self.counters.get("mixed_version_groups", 0) + 1
+                    )
+                eps = dataclasses.replace(eps, version=np.full_like(eps.version, min(served)))
+            self.gauges["env_steps_per_s"] = eps.num_steps / max(1e-9, time.perf_counter() - t_roll)
+            meta, arrays = episodes_to_arrays(eps)
+            await self.outbox.send(meta, arrays, topic=TOPIC, timeout=120)
+            self.counters["groups_sent"] = self.counters.get("groups_sent", 0) + 1
+            self.gauges["success"] = float(eps.success.mean())
+            recent[task] = 0.7 * recent[task] + 0.3 * float(eps.success.mean())

@@ -81,7 +81,7 @@ def register(sub: Any, name: str, help_text: str) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, wire.Scalar]]:
-    """``["learner.minutes=5", "sampler.suite=metaworld"]`` -> role -> key -> value."""
+    """``["learner.minutes=5", "learner.suite=metaworld"]`` -> role -> key -> value."""
     out: dict[str, dict[str, wire.Scalar]] = {}
     for item in items:
         target, eq, text = item.partition("=")
@@ -234,6 +234,11 @@ async def _main(args: argparse.Namespace) -> int:
     elif args.minutes is not None:
         overrides.setdefault("learner", {})["minutes"] = args.minutes
     topology = load_topology(args.file, known_roles(), overrides)
+    if args.resume is not None:  # a policy does not carry over to another benchmark suite
+        from dvla_nodes.learn.suite import check_resume_suite
+
+        suite = str(topology.settings("learner").get("suite", "embedded"))
+        check_resume_suite(_resume_point(args.resume.resolve()), suite, f"--resume {args.resume}")
     host = local_host(topology, args.host)
     for role in sorted({p.role for p in topology.placements(host)}):
         try:

@@ -10,7 +10,7 @@ from dvla_nodes.learn.config import DEMO_SEED_BASE, EVAL_SEED_BASE, TrainConfig
 from dvla_nodes.learn.grpo import Advantages, clipped_objective, group_advantages, grpo_loss
 from dvla_nodes.learn.learner import BCStats, Learner, UpdateStats, episode_rewards
 from dvla_nodes.learn.metrics import MetricsLog, plot_success, read_metrics
-from dvla_nodes.learn.rollout import Assignment, Episodes, run_episodes
+from dvla_nodes.learn.rollout import Assignment, Episodes, RolloutAborted, run_episodes
 from dvla_nodes.learn.trainer import (
     EvalResult,
     SerialTrainer,
@@ -31,6 +31,7 @@ __all__ = [
     "EvalResult",
     "Learner",
     "MetricsLog",
+    "RolloutAborted",
     "SerialTrainer",
     "TrainConfig",
     "TrainResult",

@@ -1,6 +1,8 @@
 """The sampler: runs whole episodes on environment shards and returns them as numpy arrays.
 
-Shards are :class:`VectorEnv` (in process) or :class:`RemoteVectorEnv` (a worker process each).
+Shards are :class:`VectorEnv` (in process), :class:`RemoteVectorEnv` (a worker process each) or
+any suite's shards (:func:`dvla_nodes.envs.suites.open_suite_shards`); actions have the size the
+policy (or the scripted expert) gives, the suite's ``action_dim``.
 The loop keeps exactly one command outstanding per shard and serves shards round-robin, so while
 one worker steps its environments the policy infers actions for another: with two workers both
 cores stay busy. A slot whose episode ends is immediately reset to the next (task, seed) in the
@@ -9,18 +11,26 @@ queue, so short tasks do not wait for long ones.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from dvla_bus.errors import DvlaError
 from dvla_nodes.envs.sim import ACTION_DIM
 from dvla_nodes.envs.vector import StepBatch
 from dvla_nodes.policy.act import ActOutput
 from dvla_nodes.policy.actions import actions_to_tokens
 
 PolicyFn = Callable[[np.ndarray, np.ndarray, Sequence[str]], ActOutput]
+
+
+class RolloutAborted(DvlaError):
+    """:func:`run_episodes` stopped early because its ``stop`` event was set; every shard was
+    left with no command outstanding (so another thread may close it)."""
 
 
 class Shard(Protocol):
@@ -160,13 +170,16 @@ def run_episodes(
     bins: int = 256,
     expert_noise: float = 0.0,
     rng: np.random.Generator | None = None,
+    stop: threading.Event | None = None,
 ) -> Episodes:
     """Run one episode per assignment and return them in assignment order.
 
     ``policy`` maps (images, proprio, instructions) of the slots that need an action to an
     :class:`ActOutput`; with ``policy=None`` the scripted experts act (demonstrations): the
     recorded tokens are the expert's action, the executed action adds Gaussian noise of std
-    ``expert_noise`` (DART), drawn from ``rng``.
+    ``expert_noise`` (DART), drawn from ``rng``. When ``stop`` is set (by another thread) the
+    outstanding commands are received and :class:`RolloutAborted` is raised: within one
+    environment step per shard.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
     queue = list(enumerate(assignments))
@@ -194,12 +207,14 @@ def run_episodes(
     def start_step(k: int, batch: StepBatch) -> None:
         shard = shards[k]
         active = [i for i, ep in enumerate(slot_ep[k]) if ep is not None]
-        actions = np.zeros((shard.num_envs, ACTION_DIM), np.float32)
         sel = np.array(active)
+        # The action size is the policy's (or the expert's): the suite's spec.action_dim, which
+        # the policy was built with; idle slots get zeros (a done slot is not stepped).
         if policy is not None:
             out = policy(
                 batch.images[sel], batch.proprio[sel], [batch.instructions[i] for i in active]
             )
+            actions = np.zeros((shard.num_envs, out.actions.shape[1]), np.float32)
             actions[sel] = out.actions
             toks, logps = out.tokens, out.logp
         else:
@@ -210,6 +225,7 @@ def run_episodes(
             noisy = (
                 expert + rng.normal(0.0, expert_noise, expert.shape) if expert_noise > 0 else expert
             )
+            actions = np.zeros((shard.num_envs, expert.shape[1]), np.float32)
             actions[sel] = np.clip(noisy, -1.0, 1.0)
         for j, i in enumerate(active):
             ep = slot_ep[k][i]
@@ -227,6 +243,13 @@ def run_episodes(
         if not start_resets(k):
             phase[k] = "idle"
     while any(p != "idle" for p in phase):
+        if stop is not None and stop.is_set():
+            for k, shard in enumerate(shards):
+                if phase[k] != "idle":
+                    phase[k] = "idle"
+                    with contextlib.suppress(DvlaError):  # a failed command is answered too
+                        shard.recv()
+            raise RolloutAborted(f"rollout stopped with {len(finished)} of {len(assignments)} done")
         for k, shard in enumerate(shards):
             if phase[k] == "idle":
                 continue

@@ -8,8 +8,9 @@ Run directory ``runs/<time>-<name>/``: ``config.json``, ``metrics.jsonl``, check
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dvla_bus.errors import ConfigError
 from dvla_nodes.envs.vector import RemoteVectorEnv, VectorEnv
 from dvla_nodes.learn.checkpoint import (
     load_checkpoint,
@@ -88,8 +90,10 @@ def evaluate(
     greedy: bool = True,
     seed_base: int = EVAL_SEED_BASE,
     generator: torch.Generator | None = None,
+    stop: threading.Event | None = None,
 ) -> EvalResult:
-    """Success on held-out seeds ``seed_base + i`` (i < seeds_per_task) of every task."""
+    """Success on held-out seeds ``seed_base + i`` (i < seeds_per_task) of every task
+    (``stop``: see :func:`run_episodes`)."""
     t0 = time.perf_counter()
     assignments = [Assignment(t, seed_base + i) for t in tasks for i in range(seeds_per_task)]
     gen = generator if generator is not None else torch.Generator().manual_seed(seed_base)
@@ -98,7 +102,7 @@ def evaluate(
         return actor.act(im, pr, ins, greedy=greedy, generator=gen)
 
     with rollout_threads(shards):
-        eps = run_episodes(shards, assignments, policy, bins=actor.model.cfg.bins)
+        eps = run_episodes(shards, assignments, policy, bins=actor.model.cfg.bins, stop=stop)
     by_task = eps.success_by_task()
     return EvalResult(
         success=float(np.mean(list(by_task.values()))),
@@ -109,9 +113,15 @@ def evaluate(
     )
 
 
-def collect_demos(shards: Sequence[Shard], cfg: TrainConfig, rng: np.random.Generator) -> Episodes:
+def collect_demos(
+    shards: Sequence[Shard],
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    stop: threading.Event | None = None,
+) -> Episodes:
     """``demos_per_task`` scripted demonstrations of every task (DART noise ``demo_noise``),
-    on seeds ``DEMO_SEED_BASE + i``: the warm start's data (serial trainer and learner role)."""
+    on seeds ``DEMO_SEED_BASE + i``: the warm start's data (serial trainer and learner role;
+    ``stop``: see :func:`run_episodes`)."""
     return run_episodes(
         shards,
         [Assignment(t, DEMO_SEED_BASE + i) for t in cfg.tasks for i in range(cfg.demos_per_task)],
@@ -119,14 +129,22 @@ def collect_demos(shards: Sequence[Shard], cfg: TrainConfig, rng: np.random.Gene
         bins=cfg.bins,
         expert_noise=cfg.demo_noise,
         rng=rng,
+        stop=stop,
     )
 
 
 def checkpoint_learner(
-    run_dir: Path, learner: Learner, name: str, step: int, metrics: dict[str, Any]
+    run_dir: Path,
+    learner: Learner,
+    name: str,
+    step: int,
+    metrics: dict[str, Any],
+    *,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """``<name>.safetensors`` + ``<name>.json`` (weights, optimiser moments, version, config),
-    atomically: the serial trainer's and the learner role's checkpoints."""
+    """``<name>.safetensors`` + ``<name>.json`` (weights, optimiser moments, version, config,
+    and ``extra`` metadata such as the suite), atomically: the serial trainer's and the learner
+    role's checkpoints."""
     return save_checkpoint(
         run_dir,
         name,
@@ -138,6 +156,7 @@ def checkpoint_learner(
             "config": learner.cfg.to_json(),
             "policy": learner.model.cfg.to_json(),
             "metrics": metrics,
+            **(extra or {}),
         },
         optimizer=optimizer_moments(learner.optimizer, learner.model, learner.layout),
     )
@@ -179,6 +198,11 @@ class SerialTrainer:
 
     def run(self) -> TrainResult:
         cfg = self.cfg
+        if cfg.suite != "embedded":
+            raise ConfigError(
+                f"suite = {cfg.suite!r}: the serial trainer runs the embedded suite only; train "
+                "on another suite with `dvla up` (e.g. topologies/metaworld.toml)"
+            )
         torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)

@@ -31,16 +31,31 @@ __all__ = [
 
 
 def build_policy(
-    size: str = "tiny", image_size: int = 64, bins: int = 256, seed: int = 0, stem: str = "conv"
+    size: str = "tiny",
+    image_size: int = 64,
+    bins: int = 256,
+    seed: int = 0,
+    stem: str = "conv",
+    *,
+    tokenizer: Tokenizer | None = None,
+    proprio_dim: int = 7,
+    action_dim: int = 4,
+    aux_dim: int = 10,
 ) -> tuple[VLAPolicy, Tokenizer]:
-    """A freshly initialised policy for the embedded suite, with its tokenizer."""
-    tok = Tokenizer()
+    """A freshly initialised policy with its tokenizer. The defaults are the embedded suite's
+    (its vocabulary, 7-d proprioception, 4-d actions, 10 auxiliary targets); another suite
+    passes its own (:func:`dvla_nodes.learn.suite.build_suite_policy` does, from the suite's
+    spec)."""
+    tok = tokenizer if tokenizer is not None else Tokenizer()
     cfg = PolicyConfig(
         size=size,
         image_size=image_size,
+        proprio_dim=proprio_dim,
+        action_dim=action_dim,
         bins=bins,
         vocab_size=tok.vocab_size,
         max_tokens=tok.max_tokens,
+        aux_dim=aux_dim,
         stem=stem,
     )
     model = VLAPolicy(cfg)

@@ -11,6 +11,10 @@ rest of the job is unchanged::
         suite.spec.action_dim, suite.spec.instructions   # shapes and language, from the workers
         run_episodes(suite.shards, assignments, policy)  # the sampler's loop, as for embedded
 
+A training job picks its suite in ``[roles.learner]`` (``suite``, ``suite_tasks``,
+``suite_python``, ``suite_<option>``; :mod:`dvla_nodes.learn.suite`): the learner, samplers and
+inference nodes then build one policy from the suite's spec.
+
 Every adapter maps dvla's action (float in [-1, 1]; for robot-arm suites the end-effector
 displacement and the gripper, ``ACTION_DIM`` = 4) to its suite's action space and documents the
 mapping in its module docstring; a suite whose actions are not an end effector's (a gymnasium
@@ -29,6 +33,7 @@ from dvla_nodes.envs.suites._interface import (
     SuiteEnv,
     SuiteInfo,
     SuiteSpec,
+    adapter_class,
     load_suite,
     suite_info,
 )
@@ -38,6 +43,7 @@ from dvla_nodes.envs.suites._shards import (
     SuiteSettings,
     WorkerConfig,
     available_suites,
+    check_suite,
     default_env,
     embedded_spec,
     env_var,
@@ -45,6 +51,7 @@ from dvla_nodes.envs.suites._shards import (
     has_suite,
     open_suite_shards,
     resolve_python,
+    suite_options,
     suite_python,
     suite_settings,
 )
@@ -66,7 +73,9 @@ __all__ = [
     "SuiteSpec",
     "SuiteVectorEnv",
     "WorkerConfig",
+    "adapter_class",
     "available_suites",
+    "check_suite",
     "default_env",
     "drive",
     "embedded_spec",
@@ -77,6 +86,7 @@ __all__ = [
     "open_suite_shards",
     "resolve_python",
     "suite_info",
+    "suite_options",
     "suite_python",
     "suite_settings",
 ]

@@ -143,6 +143,12 @@ class Suite(ABC):
         if not self.requested:
             raise ConfigError(f"suite {self.name!r}: give at least one task")
 
+    @classmethod  # noqa: B027 - an optional hook
+    def check_tasks(cls, tasks: Sequence[str]) -> None:
+        """Refuse task names that cannot be right, without the suite installed (a ConfigError
+        naming the task). Called by ``dvla up`` before any process starts; the adapter's own
+        constructor still checks everything in the suite's interpreter."""
+
     @property
     @abstractmethod
     def spec(self) -> SuiteSpec: ...
@@ -245,17 +251,24 @@ def suite_info(name: str) -> SuiteInfo:
         raise ConfigError(f"unknown suite {name!r}; choose one of: {', '.join(SUITES)}") from None
 
 
-def load_suite(
-    name: str, tasks: Sequence[str], image_size: int, options: Options | None = None
-) -> Suite:
-    """Build suite ``name``'s adapter in this interpreter (which must have the suite)."""
+def adapter_class(name: str) -> type[Suite]:
+    """Suite ``name``'s adapter class. Importing an adapter module never imports the suite
+    itself (that happens when the adapter is built), so any interpreter with dvla can check a
+    suite's options and task names."""
     info = suite_info(name)
     if not info.adapter:
         raise ConfigError("the embedded suite runs as VectorEnv, not through an adapter")
     module_name, _, cls_name = info.adapter.partition(":")
     module = importlib.import_module(module_name)
     cls: type[Suite] = getattr(module, cls_name)
-    return cls(tasks, image_size, options)
+    return cls
+
+
+def load_suite(
+    name: str, tasks: Sequence[str], image_size: int, options: Options | None = None
+) -> Suite:
+    """Build suite ``name``'s adapter in this interpreter (which must have the suite)."""
+    return adapter_class(name)(tasks, image_size, options)
 
 
 def require(suite: str, import_name: str) -> Any:
@@ -265,6 +278,6 @@ def require(suite: str, import_name: str) -> Any:
     except ImportError as exc:
         raise ConfigError(
             f"suite {suite!r} is not installed in this interpreter ({exc}); create its own "
-            f"environment with `dvla env create {suite}` and point the sampler at it "
-            f'([roles.sampler] suite_python = ".../bin/python")'
+            f"environment with `dvla env create {suite}` and point the job at it "
+            f'([roles.learner] suite_python = ".../bin/python")'
         ) from None

@@ -30,6 +30,8 @@ from dvla_nodes.envs.suites._interface import (
     Options,
     Scalar,
     SuiteSpec,
+    adapter_class,
+    check_options,
     load_suite,
     suite_info,
 )
@@ -121,7 +123,7 @@ def resolve_python(suite: str, python: str | None = None) -> str:
     raise ConfigError(
         f"suite {suite!r} is not installed for {sys.executable} and no environment was created "
         f"for it: run `dvla env create {suite}` (or set {env_var(suite)}, or "
-        '[roles.sampler] suite_python = ".../bin/python")'
+        '[roles.learner] suite_python = ".../bin/python")'
     )
 
 
@@ -130,7 +132,8 @@ def resolve_python(suite: str, python: str | None = None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SuiteSettings:
-    """The sampler's suite, from its ``[roles.sampler]`` table::
+    """A job's suite, from a topology table (the learner's: the suite is a job-wide choice, see
+    :mod:`dvla_nodes.learn.suite`)::
 
     suite = "metaworld"           # embedded (default) | gym | metaworld | libero
     suite_tasks = "MT10"          # comma-separated (default: every embedded task)
@@ -144,23 +147,58 @@ class SuiteSettings:
     options: dict[str, Scalar] = field(default_factory=dict)
 
 
+def suite_options(settings: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """The adapter options of a table: every ``suite_<option>`` key but ``suite_tasks`` and
+    ``suite_python``, without the prefix (unchecked: see :func:`check_suite`)."""
+    return {
+        k.removeprefix("suite_"): v
+        for k, v in settings.items()
+        if k.startswith("suite_") and k not in ("suite_tasks", "suite_python")
+    }
+
+
+def check_suite(suite: str, tasks: Sequence[str], options: Options | None = None) -> None:
+    """Everything about a suite choice that can be checked without the suite installed: the
+    name, the options (known, of the right type) and the task names (as far as the adapter can
+    tell). A ConfigError names the key (``suite``, ``suite_tasks``, ``suite_<option>``)."""
+    if suite not in SUITES:
+        raise ConfigError(
+            f"suite = {suite!r}: unknown suite {suite!r}; choose one of: {', '.join(SUITES)}"
+        )
+    if not tasks:
+        raise ConfigError(f"suite = {suite!r} needs suite_tasks (comma-separated task names)")
+    opts = dict(options or {})
+    if suite == "embedded":
+        if opts:
+            keys = ", ".join(f"suite_{k}" for k in sorted(opts))
+            raise ConfigError(f"{keys}: the embedded suite takes no options")
+        embedded_spec(tasks, 0)
+        return
+    cls = adapter_class(suite)
+    try:
+        check_options(suite, cls.OPTIONS, opts)
+    except ConfigError as exc:
+        raise ConfigError(f"suite_<option>: {exc}") from None
+    try:
+        cls.check_tasks(tasks)
+    except ConfigError as exc:
+        raise ConfigError(f"suite_tasks: {exc}") from None
+
+
 def suite_settings(settings: Mapping[str, Scalar]) -> SuiteSettings:
+    """The suite keys of a topology table, checked with :func:`check_suite`."""
     suite = str(settings.get("suite", "embedded"))
-    suite_info(suite)  # ConfigError for an unknown suite
+    if suite not in SUITES:
+        check_suite(suite, ())  # the ConfigError naming the key and the choices
     raw = settings.get("suite_tasks")
     tasks = (
         tuple(t.strip() for t in str(raw).split(",") if t.strip())
         if raw is not None
         else (TASK_NAMES if suite == "embedded" else ())
     )
-    if not tasks:
-        raise ConfigError(f"[roles.sampler] suite = {suite!r} needs suite_tasks")
     python = settings.get("suite_python")
-    options = {
-        k.removeprefix("suite_"): v
-        for k, v in settings.items()
-        if k.startswith("suite_") and k not in ("suite_tasks", "suite_python")
-    }
+    options = suite_options(settings)
+    check_suite(suite, tasks, options)
     return SuiteSettings(suite, tasks, str(python) if python else None, options)
 
 

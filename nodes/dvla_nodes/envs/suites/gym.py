@@ -217,6 +217,14 @@ class GymSuite(Suite):
             action_mapping=mapping,
         )
 
+    @classmethod
+    def check_tasks(cls, tasks: Sequence[str]) -> None:
+        for env_id in tasks:
+            try:
+                gym.spec(env_id)
+            except gym.error.Error as exc:
+                raise ConfigError(f"gym suite: unknown env id {env_id!r} ({exc})") from None
+
     @property
     def spec(self) -> SuiteSpec:
         return self._spec

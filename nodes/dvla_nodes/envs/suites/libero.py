@@ -195,6 +195,12 @@ class LiberoSuite(Suite):
             ),
         )
 
+    @classmethod
+    def check_tasks(cls, tasks: Sequence[str]) -> None:
+        for t in tasks:  # the index range needs the benchmark: the constructor checks it
+            if t not in MAX_STEPS:
+                parse_task(t)
+
     def benchmark(self, name: str) -> Any:
         bench = self._benches.get(name)
         if bench is None:

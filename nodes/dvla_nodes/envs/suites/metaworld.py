@@ -241,6 +241,10 @@ class MetaWorldSuite(Suite):
             action_mapping="identity: [dx, dy, dz] 1.0 = 1 cm mocap step, grip > 0 closes",
         )
 
+    @classmethod
+    def check_tasks(cls, tasks: Sequence[str]) -> None:
+        expand(tasks)
+
     @property
     def spec(self) -> SuiteSpec:
         return self._spec

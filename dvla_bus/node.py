@@ -30,6 +30,7 @@ from typing import ClassVar, Final
 
 from dvla_bus import wire
 from dvla_bus.control import ControlClient, JoinInfo, open_control_client
+from dvla_bus.errors import ConfigError
 from dvla_bus.lanes import Lanes
 from dvla_bus.security import Credentials
 from dvla_bus.sockets import open_context
@@ -347,6 +348,11 @@ async def _serve(node: Node, parent: int | None, *, signals: bool = True) -> int
             finally:
                 _arm_hang_guard(cfg.grace)
                 await node.teardown()
+    except ConfigError as exc:
+        # Bad configuration fails the same way on every restart: exit 2, which the supervisor
+        # does not restart (a restart loop would hide the message in the log).
+        node.log.error("%s: configuration error: %s", cfg.node_id, exc)
+        status = 2
     except Exception:
         node.log.exception("%s failed", cfg.node_id)
         status = 1

@@ -453,3 +453,26 @@ def test_up_refuses_a_bad_suite_choice_before_starting(short_tmp: Path) -> None:
     option = dvla("up", str(_suite_topology(short_tmp, table)))
     assert option.returncode == 2
     assert "unknown option 'cam'" in option.stderr
+
+
+def test_configuration_error_inside_a_node_exits_2(short_tmp: Path) -> None:
+    """A ConfigError raised while a node runs (here: a setting only the node itself checks,
+    reached by starting it by hand) is exit status 2 — which the supervisor does not restart —
+    with the message in the log, not a traceback and a restart loop."""
+    topo = _pipeline_topology(short_tmp, '[roles.sampler]\ninference = "bogus"')
+    proc = dvla(
+        "node",
+        "start",
+        "--role",
+        "sampler",
+        "--topology",
+        str(topo),
+        "--host",
+        "h",
+        "--run-dir",
+        str(short_tmp),
+        timeout=90,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "configuration error" in proc.stderr
+    assert "inference='bogus'" in proc.stderr

@@ -268,11 +268,15 @@ def test_parse_overrides_reads_toml_values() -> None:
 
 def test_samplers_act_through_a_remote_inference_node(short_tmp: Path) -> None:
     """``[roles.sampler] inference = "remote"``: the sampler's observations go to an
-    ``inference`` node over the data bus; that node serves the learner's versions from the
-    shared weight pool, and training proceeds as with local inference."""
+    ``inference`` node over the data bus; that node serves the learner's versions — here
+    through its two preallocated weight slots (``weights = "vram"``: CUDA when present, the same
+    code on CPU memory here) loaded from the shared weight pool and flipped between batches —
+    and training proceeds as with local inference. (The zero-copy ``pool`` mode is covered by
+    tests/test_inference.py.)"""
     topo = _pipeline_topology(
         short_tmp,
-        'minutes = 0.4\neval_every = 0\n[roles.sampler]\ninference = "remote"',
+        'minutes = 0.4\neval_every = 0\n[roles.sampler]\ninference = "remote"\n'
+        '[roles.inference]\nweights = "vram"',
         roles="coordinator = 1, learner = 1, inference = 1, sampler = 1",
     )
     up = spawn(
@@ -294,6 +298,8 @@ def test_samplers_act_through_a_remote_inference_node(short_tmp: Path) -> None:
     assert "inference" in lanes["inference.h.0"]
     assert "inference" not in lanes["sampler.h.0"]
     assert "sampling" in lanes["sampler.h.0"]
+    log = (short_tmp / "logs" / "inference.h.0.log").read_text()
+    assert "VRAM slots on cpu" in log
 
 
 # --- the job's benchmark suite -------------------------------------------------------------

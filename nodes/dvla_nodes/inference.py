@@ -72,6 +72,7 @@ from dvla_bus.security import Credentials
 from dvla_bus.shm import SegmentName
 from dvla_bus.topology import load_topology
 from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
+from dvla_bus.vram import VramWeights, create_vram_weights
 from dvla_bus.weights import WeightReader, attach_weights, find_weights
 from dvla_nodes.learn.suite import (
     POLICY_ENDPOINT,
@@ -267,6 +268,10 @@ class InferenceSettings:
     gather_ms: float = 0.0
     window: int = 4
     threads: int = 1
+    # "pool": parameters are views of the host's shared-memory weight pool (zero copy, CPU).
+    # "vram": two preallocated device slots (dvla_bus.vram; CUDA when present, else the same
+    # code on CPU memory) loaded from the pool and flipped between batches.
+    weights: str = "pool"
 
     @staticmethod
     def from_settings(settings: Mapping[str, wire.Scalar]) -> InferenceSettings:
@@ -276,11 +281,14 @@ class InferenceSettings:
                 gather_ms=float(settings.get("gather_ms", 0.0)),
                 window=int(settings.get("window", 4)),
                 threads=int(settings.get("threads", 1)),
+                weights=str(settings.get("weights", "pool")),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"[roles.inference]: {exc}") from None
         if out.max_batch < 1 or out.window < 1 or out.threads < 1:
             raise ConfigError(f"[roles.inference]: max_batch, window, threads must be >= 1: {out}")
+        if out.weights not in ("pool", "vram"):
+            raise ConfigError(f"[roles.inference]: weights={out.weights!r}: 'pool' or 'vram'")
         if not (math.isfinite(out.gather_ms) and out.gather_ms >= 0):
             raise ConfigError(f"[roles.inference]: gather_ms={out.gather_ms} must be >= 0")
         return out
@@ -327,6 +335,7 @@ class InferenceNode(Node):
             self._adopt(model, tok)
         self.gen = torch.Generator().manual_seed(self.train.seed + 5000 + cfg.index)
         self.reader: WeightReader | None = None
+        self.vram: VramWeights | None = None
         self.resources.callback(self._close_reader)
         # One thread runs every forward pass: it pins and reads the pool (a reader belongs to
         # one thread) while the event loop keeps receiving and granting credit. Shut down
@@ -351,6 +360,9 @@ class InferenceNode(Node):
     # --- following the host's weight pool (between batches only) ----------------------------
 
     def _close_reader(self) -> None:
+        if self.vram is not None:
+            self.vram.close()
+            self.vram = None
         if self.reader is not None:
             self.reader.close()
             self.reader = None
@@ -441,6 +453,12 @@ class InferenceNode(Node):
             return
         self.reader = reader
         self._reader_gen += 1
+        if self.settings.weights == "vram":
+            # Slots for the pool's manifest, loaded from it (pinned staging on CUDA). All the
+            # device memory is allocated here, once per followed pool.
+            self.vram = create_vram_weights(reader.manifest)
+            self.vram.attach_host(reader)
+            self.log.info("VRAM slots on %s for pool %s", self.vram.backend.kind, segment)
         self.log.info("following weight pool %s", segment)
 
     # --- batching ------------------------------------------------------------------------------
@@ -513,12 +531,43 @@ class InferenceNode(Node):
         assert model is not None
         assert layout is not None
         assert actor is not None
+        if self.vram is not None:
+            return self._forward_vram(self.vram, images, proprio, ins)
         with reader.pin(timeout=1.0) as pinned:
             key = (self._reader_gen, pinned.slot)
             if self._bound != key:
                 # Parameters become views of the pinned slot: zero copy, and while the pin is
                 # held the writer cannot reuse that slot.
                 bind(model, layout, pinned.tensors()["flat"])
+                self._bound = key
+            t0 = time.perf_counter()
+            out = actor.act(images, proprio, ins, generator=self.gen)
+            return out, pinned.version, time.perf_counter() - t0
+
+    def _forward_vram(
+        self,
+        vram: VramWeights,
+        images: np.ndarray[Any, Any],
+        proprio: np.ndarray[Any, Any],
+        ins: list[str],
+    ) -> tuple[ActOutput, int, float]:
+        """As :meth:`_forward`, on the VRAM slots: between batches flip to a staged version and
+        start staging a newer one from the host pool (never waiting for a copy, except for the
+        very first version); the forward pass runs under a pin of the active slot, and the
+        parameters are views of that slot (re-pointed only when the slot changes)."""
+        model, layout, actor = self.model, self.layout, self.actor
+        assert model is not None
+        assert layout is not None
+        assert actor is not None
+        vram.refresh(timeout=1.0)
+        deadline = time.monotonic() + 5.0
+        while vram.active_version < 0 and time.monotonic() < deadline:
+            time.sleep(0.001)  # the first version's copy; later ones overlap with batches
+            vram.refresh(timeout=1.0)
+        with vram.pin(timeout=1.0) as pinned:
+            key = (self._reader_gen, 2 + pinned.slot)
+            if self._bound != key:
+                bind(model, layout, pinned.tensors["flat"])
                 self._bound = key
             t0 = time.perf_counter()
             out = actor.act(images, proprio, ins, generator=self.gen)

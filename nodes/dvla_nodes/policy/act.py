@@ -53,13 +53,16 @@ class PolicyActor:
             ids = self.tokenizer.encode_batch(list(instructions))
         was_training = self.model.training
         self.model.eval()
+        # Device-agnostic: inputs go where the parameters are (e.g. VRAM weight slots);
+        # sampling happens on the host, so a CPU generator keeps runs reproducible.
+        device = next(self.model.parameters()).device
         logits = self.model(
-            torch.from_numpy(np.ascontiguousarray(images)),
-            torch.from_numpy(np.ascontiguousarray(proprio, dtype=np.float32)),
-            torch.from_numpy(ids),
+            torch.from_numpy(np.ascontiguousarray(images)).to(device),
+            torch.from_numpy(np.ascontiguousarray(proprio, dtype=np.float32)).to(device),
+            torch.from_numpy(ids).to(device),
         )
         self.model.train(was_training)
-        logp_all = token_log_probs(logits, self.temperature)  # (B, A, bins)
+        logp_all = token_log_probs(logits, self.temperature).float().cpu()  # (B, A, bins)
         if greedy:
             tokens = logp_all.argmax(-1)
         else:

@@ -164,7 +164,9 @@ def test_killed_learner_resumes_from_its_last_checkpoint(short_tmp: Path) -> Non
     """kill -9 the learner mid-run: the supervisor restarts it, it loads ``latest`` (no second
     warm start), version numbers keep rising past every version published before the kill,
     and the job still ends with a final checkpoint."""
-    topo = _pipeline_topology(short_tmp, "minutes = 0.7\ncheckpoint_every = 1\neval_every = 0")
+    topo = _pipeline_topology(
+        short_tmp, "minutes = 5.0\niterations = 12\ncheckpoint_every = 1\neval_every = 0"
+    )
     up = spawn(
         ["up", str(topo), "--run-dir", str(short_tmp), "--status-every", "0", "--backoff-max", "1"],
         short_tmp / "up.out",

@@ -15,8 +15,9 @@ their environments run in worker processes under their own interpreter
 
 A stamp ``dvla-env.json`` in DIR records what was installed; ``create`` on an up-to-date
 environment only re-runs the check (``--force`` rebuilds). ``list`` shows every suite, where
-its interpreter is and whether it has the suite. The sampler finds the default location by
-itself; elsewhere, name the interpreter with ``[roles.sampler] suite_python`` or
+its interpreter is and whether it has the suite. The job (``[roles.learner] suite = ...``)
+finds the default location by itself; elsewhere, name the interpreter with
+``[roles.learner] suite_python`` (or per host's samplers, ``[roles.sampler] suite_python``) or
 ``$DVLA_<SUITE>_PYTHON``.
 """
 
@@ -190,9 +191,9 @@ def _create(args: argparse.Namespace) -> int:
         )
     print(f"ready: {python}")
     if path == default_env(args.suite).absolute():
-        print(f'the sampler finds it by itself ([roles.sampler] suite = "{args.suite}")')
+        print(f'a job finds it by itself ([roles.learner] suite = "{args.suite}")')
     else:
-        print(f'point the sampler at it: [roles.sampler] suite_python = "{python}"')
+        print(f'point the job at it: [roles.learner] suite_python = "{python}"')
     return 0
 
 

@@ -632,6 +632,7 @@ class SamplerNode(Node):
             )
             self.meters.append(self.remote.counters)
         self.reader: WeightReader | None = None
+        self._learner_pids: dict[str, int] = {}  # learner data endpoint -> its process
         self.weights_segment = ""
         self.version = -1
         self.resources.callback(self._close_reader)
@@ -655,8 +656,16 @@ class SamplerNode(Node):
         for m in members:
             if m.role != "learner" or m.state == "dead":
                 continue
-            if m.endpoints.get("data"):
-                asyncio.get_running_loop().create_task(self.outbox.connect(m.endpoints["data"]))
+            endpoint = m.endpoints.get("data", "")
+            if endpoint:
+                known = self._learner_pids.get(endpoint)
+                self._learner_pids[endpoint] = m.pid
+                if known is not None and known != m.pid:
+                    # A restarted learner binds the same endpoint: the credits the old inbox
+                    # held died with it, so say hello again instead of waiting for them.
+                    asyncio.get_running_loop().create_task(self._reconnect(endpoint))
+                else:
+                    asyncio.get_running_loop().create_task(self.outbox.connect(endpoint))
             theirs = m.endpoints.get(POLICY_ENDPOINT, "")
             if theirs:
                 self.mismatch = policy_mismatch(self.signature, theirs)
@@ -672,6 +681,11 @@ class SamplerNode(Node):
                     self.version = -1
                 except (DvlaError, OSError) as exc:  # the learner may still be creating it
                     self.log.info("weights not ready yet: %s", exc)
+
+    async def _reconnect(self, endpoint: str) -> None:
+        await self.outbox.disconnect(endpoint)
+        await self.outbox.connect(endpoint)
+        self.counters["learner_reconnects"] = self.counters.get("learner_reconnects", 0) + 1
 
     def _refresh_weights(self) -> None:
         if self.reader is None or self.reader.active_version <= self.version:

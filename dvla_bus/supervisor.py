@@ -33,11 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import psutil
+
 from dvla_bus.deploy import ENV_SUPERVISOR, ChildSpec
 from dvla_bus.node import deliberate_exit_marker
 from dvla_bus.reaper import reap
 
-__all__ = ["ChildStatus", "Supervisor"]
+__all__ = ["ChildStatus", "Supervisor", "kill_tree"]
 
 EXIT_CONFIG: Final = 2
 
@@ -250,3 +252,16 @@ class Supervisor:
             if child.state in ("running", "backoff", "starting"):
                 child.state = "stopped"
             child.proc = None
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants, then reap them (bounded: 5 s)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=5)

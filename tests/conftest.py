@@ -13,7 +13,8 @@ import psutil
 import pytest
 import zmq
 
-from tests.helpers import kill_tree, wait_for
+from dvla_bus.supervisor import kill_tree
+from tests.helpers import wait_for
 
 SHM_DIR = Path("/dev/shm")
 

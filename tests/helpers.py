@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
+from dvla_bus.supervisor import kill_tree
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,18 +34,6 @@ def wait_for(
                 raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
             return False
         time.sleep(interval)  # polling granularity, not a wait for a condition
-
-
-def kill_tree(pid: int) -> None:
-    try:
-        proc = psutil.Process(pid)
-        procs = [*proc.children(recursive=True), proc]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=5)
 
 
 def dvla(

@@ -29,6 +29,7 @@ from dvla_bus import wire
 from dvla_bus.control import ControlClient, open_control_client
 from dvla_bus.errors import DeadlineExceeded, ResourceError
 from dvla_bus.shm import SEGMENT_PREFIX, SHM_DIR, SegmentName
+from dvla_bus.supervisor import kill_tree
 
 __all__ = [
     "FAST_TRAINING",
@@ -190,7 +191,7 @@ class TrainingJob:
             try:
                 proc.wait(timeout=timeout if timeout is not None else self.grace + 15)
             except subprocess.TimeoutExpired:
-                _kill_tree(proc.pid)
+                kill_tree(proc.pid)
                 proc.wait(timeout=5)
         return proc.returncode
 
@@ -241,18 +242,6 @@ class TrainingJob:
             return self.out.read_text()
         except OSError:
             return ""
-
-
-def _kill_tree(pid: int) -> None:
-    try:
-        root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=5)
 
 
 class HubObserver:

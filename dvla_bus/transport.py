@@ -792,6 +792,26 @@ class Outbox:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._credit.wait(), remaining)
 
+    async def wait_credit(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` seconds) until some inbox has credit for one message, without
+        spending it; True when there is credit. A producer whose data ages (rollouts carry a
+        policy version) calls this *before* producing, so what it then sends goes out fresh
+        instead of waiting, already produced, for credit. Waits are counted like a blocked
+        :meth:`send`'s."""
+        deadline = time.monotonic() + timeout
+        waited = False
+        while self._pick() is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if not waited:
+                self._credit_waits += 1
+                waited = True
+            self._credit.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._credit.wait(), remaining)
+        return True
+
     def _drop(self, entry: _Pending, reason: str) -> None:
         self.dropped[reason] += 1
         if entry.handle is not None and self.pool is not None:

@@ -127,6 +127,24 @@ async def test_block_policy_never_exceeds_the_window(short_tmp: Path) -> None:
         assert p.outbox.statistics().credit_waits >= 1
 
 
+async def test_wait_credit_reports_credit_without_spending_it(short_tmp: Path) -> None:
+    async for p in pair(short_tmp, window=1):
+        assert await p.outbox.wait_credit(5)
+        assert await p.outbox.wait_credit(0.05)  # still there: waiting spent nothing
+        await p.outbox.send({"i": 0}, {"x": np.zeros(10)})
+        waits = p.outbox.statistics().credit_waits
+        assert not await p.outbox.wait_credit(0.1)  # the one credit is in flight
+        assert p.outbox.statistics().credit_waits == waits + 1
+        held = await p.inbox.recv(timeout=5)
+        waiter = asyncio.create_task(p.outbox.wait_credit(5))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        held.release()  # the inbox grants the credit back: the waiter wakes
+        assert await waiter
+        await p.outbox.send({"i": 1}, {"x": np.zeros(10)}, timeout=0.5)
+        (await p.inbox.recv(timeout=5)).release()
+
+
 async def test_drop_oldest_keeps_the_newest_and_counts(short_tmp: Path) -> None:
     async for p in pair(short_tmp, window=1, policy="drop_oldest", queue=2):
         for i in range(6):

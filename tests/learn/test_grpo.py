@@ -90,6 +90,54 @@ def test_grpo_loss_equals_manual_computation() -> None:
     assert parts.entropy > 0.0
 
 
+def test_zero_weight_rows_change_nothing() -> None:
+    # A minibatch padded with zero-weight rows gives the loss, gradient and statistics of the
+    # real rows alone.
+    torch.manual_seed(1)
+    logits = torch.randn(8, 4, 8)
+    tokens = torch.randint(0, 8, (8, 4))
+    old = torch.log_softmax(torch.randn(8, 4, 8), -1).gather(-1, tokens[..., None])[..., 0]
+    adv = torch.randn(8)
+    real = logits[:5].clone().requires_grad_(True)
+    padded = logits.clone().requires_grad_(True)
+    weight = torch.tensor([1.0] * 5 + [0.0] * 3)
+    kw = dict(temperature=1.0, clip_low=0.2, clip_high=0.28, entropy_coef=0.01)
+    a = grpo_loss(real, tokens[:5], old[:5], adv[:5], **kw, weight=None)
+    b = grpo_loss(padded, tokens, old, adv, **kw, weight=weight)
+    a.loss.backward()  # type: ignore[no-untyped-call]
+    b.loss.backward()  # type: ignore[no-untyped-call]
+    torch.testing.assert_close(a.loss, b.loss)
+    assert padded.grad is not None
+    assert real.grad is not None
+    torch.testing.assert_close(padded.grad[:5], real.grad)
+    assert float(padded.grad[5:].abs().max()) == 0.0
+    for name in ("policy_loss", "clip_fraction", "approx_kl", "entropy"):
+        assert getattr(a, name) == pytest.approx(getattr(b, name), rel=1e-5, abs=1e-7)
+
+
+def test_padded_minibatches_train_exactly_like_unpadded_ones() -> None:
+    # minibatch_bucket pads each minibatch to a fixed shape (allocator stability); the update
+    # must be the one without padding.
+    base = dict(seed=3, bins=32, image_size=32, group_size=4, lr=1e-3, minibatch=50)
+    torch.set_num_threads(1)
+    results = []
+    for bucket in (0, 64):
+        cfg = TrainConfig(**base, minibatch_bucket=bucket, torch_threads=1)  # type: ignore[arg-type]
+        learner, _, eps = _batch(cfg)
+        assert eps.num_steps % 64  # some minibatch really is padded
+        start = learner.flat.detach().clone()
+        stats = learner.update(eps)
+        results.append((learner.flat.detach().clone(), stats))
+    (flat0, s0), (flat1, s1) = results
+    # Adam's first step is about lr * sign(gradient): parameters whose gradient is ~0 may
+    # differ by float rounding; everything else moves by ~lr (1e-3) and must agree.
+    torch.testing.assert_close(flat0, flat1, rtol=0, atol=1e-4)
+    moved = (flat0 - start).abs().mean()
+    assert float((flat0 - flat1).abs().mean()) < 1e-3 * float(moved)
+    assert s0.loss == pytest.approx(s1.loss, rel=1e-4, abs=1e-6)
+    assert s0.steps == s1.steps
+
+
 def _batch(cfg: TrainConfig) -> tuple[Learner, PolicyActor, Episodes]:
     model, tok = build_policy(image_size=cfg.image_size, bins=cfg.bins, seed=cfg.seed)
     learner = Learner(model, tok, cfg)

@@ -58,6 +58,10 @@ class TrainConfig:
     clip_high: float = 0.28
     epochs: int = 1
     minibatch: int = 512
+    # Minibatches are padded (with zero-weight rows) to a multiple of this many rows, so the
+    # allocator sees a handful of shapes instead of a new one every update (variable shapes
+    # fragmented the learner's heap: RSS grew ~25 MiB per update; 0 = no padding).
+    minibatch_bucket: int = 64
     entropy_coef: float = 0.0
     temperature: float = 1.0
     success_reward: float = 1.0
@@ -93,6 +97,8 @@ class TrainConfig:
                 raise ConfigError(f"tasks {bad}: unknown; the suite has {', '.join(TASK_NAMES)}")
         elif not self.tasks:
             raise ConfigError(f"suite = {self.suite!r} needs suite_tasks (the job's tasks)")
+        if self.minibatch_bucket < 0:
+            raise ConfigError(f"minibatch_bucket={self.minibatch_bucket}: must be >= 0")
         if self.group_size < 2:
             raise ConfigError(f"group_size={self.group_size}: GRPO needs at least 2 per group")
         if self.temperature <= 0:

@@ -93,24 +93,40 @@ def grpo_loss(
     clip_low: float,
     clip_high: float,
     entropy_coef: float = 0.0,
+    weight: torch.Tensor | None = None,
 ) -> LossParts:
     """The GRPO loss for logits (T, A, bins), taken tokens (T, A), behaviour log-probs (T, A)
-    and per-step advantages (T,): token-mean clipped surrogate minus an entropy bonus."""
+    and per-step advantages (T,): token-mean clipped surrogate minus an entropy bonus.
+
+    ``weight`` (T,), 0 or 1, marks the rows that count: a minibatch padded to a fixed shape
+    (so the allocator sees the same sizes every update) passes 0 for its padding rows, which
+    then contribute nothing to the loss, its gradient or the statistics."""
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
     logp_new = logp_all.gather(-1, tokens[..., None])[..., 0]
     per_token, was_clipped = clipped_objective(
         logp_new, logp_old, advantage, clip_low=clip_low, clip_high=clip_high
     )
-    policy_loss = per_token.mean()
-    entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
-    loss = policy_loss - entropy_coef * entropy
+    ent_rows = -(logp_all.exp() * logp_all).sum(-1)  # (T, A)
     with torch.no_grad():
         log_ratio = logp_new - logp_old
-        approx_kl = ((log_ratio.exp() - 1.0) - log_ratio).mean()
+        kl_rows = (log_ratio.exp() - 1.0) - log_ratio
+    if weight is None:
+        policy_loss = per_token.mean()
+        entropy = ent_rows.mean()
+        approx_kl = kl_rows.mean()
+        clip_fraction = was_clipped.float().mean()
+    else:
+        w = weight.to(per_token.dtype)[:, None]
+        denom = (w.sum() * per_token.shape[1]).clamp_min(1.0)
+        policy_loss = (per_token * w).sum() / denom
+        entropy = (ent_rows * w).sum() / denom
+        approx_kl = (kl_rows * w).sum() / denom
+        clip_fraction = (was_clipped.float() * w).sum() / denom
+    loss = policy_loss - entropy_coef * entropy
     return LossParts(
         loss=loss,
         policy_loss=float(policy_loss.detach()),
-        clip_fraction=float(was_clipped.float().mean()),
+        clip_fraction=float(clip_fraction),
         approx_kl=float(approx_kl),
         entropy=float(entropy.detach()),
     )

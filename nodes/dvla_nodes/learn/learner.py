@@ -87,6 +87,18 @@ class Learner:
             torch.from_numpy(ids),
         )
 
+    def _padded(self, rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor | None]:
+        """``rows`` padded to a multiple of ``minibatch_bucket`` by repeating its first rows,
+        with their weights (1 real, 0 padding); ``None`` weights when no padding is needed."""
+        bucket = self.cfg.minibatch_bucket
+        n = len(rows)
+        size = -(-n // bucket) * bucket if bucket > 0 else n
+        if size == n:
+            return rows, None
+        weight = torch.zeros(size)
+        weight[:n] = 1.0
+        return np.resize(rows, size), weight
+
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -176,7 +188,8 @@ class Learner:
         for _ in range(cfg.epochs if len(rows) else 0):
             perm = rows[torch.randperm(len(rows), generator=self._gen).numpy()]
             n_chunks = max(1, math.ceil(len(perm) / cfg.minibatch))
-            for chunk in np.array_split(perm, n_chunks):
+            for real in np.array_split(perm, n_chunks):
+                chunk, weight = self._padded(real)
                 images, proprio, ids = self._tensors(episodes, chunk)
                 logits, aux = self.model.forward_with_aux(images, proprio, ids)
                 parts = grpo_loss(
@@ -188,11 +201,17 @@ class Learner:
                     clip_low=cfg.clip_low,
                     clip_high=cfg.clip_high,
                     entropy_coef=cfg.entropy_coef,
+                    weight=weight,
                 )
                 loss = parts.loss
                 if aux is not None and cfg.rl_aux_coef > 0:
                     state = torch.from_numpy(episodes.state[chunk])
-                    loss = loss + cfg.rl_aux_coef * F.mse_loss(aux, state)
+                    if weight is None:
+                        aux_loss = F.mse_loss(aux, state)
+                    else:
+                        per_row = ((aux - state) ** 2).mean(-1)
+                        aux_loss = (per_row * weight).sum() / weight.sum().clamp_min(1.0)
+                    loss = loss + cfg.rl_aux_coef * aux_loss
                 anchor = self._anchor
                 if anchor is not None and cfg.rl_bc_coef > 0 and anchor.num_steps:
                     demo_rows = torch.randint(

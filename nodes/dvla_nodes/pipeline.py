@@ -724,6 +724,12 @@ class SamplerNode(Node):
             if self.version < 1 or not ready:
                 await asyncio.sleep(0.2)
                 continue
+            # Sample only what the learner has room for: a group sampled first and then held
+            # while its send waits for credit ages by an update or two and arrives stale
+            # (dropped). Waiting here instead, the group starts on the newest weights.
+            if not await self.outbox.wait_credit(1.0):
+                continue
+            self._refresh_weights()
             # Tasks whose groups are most likely to differ in outcome are sampled most,
             # as in the serial trainer: sqrt(p (1 - p)) + task_floor.
             weights = np.array(

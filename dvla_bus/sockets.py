@@ -96,8 +96,13 @@ async def open_socket(
     connect: Sequence[str] = (),
     options: dict[int, Any] | None = None,
     credentials: Credentials | None = None,
+    monitor: int = 0,
 ) -> AsyncIterator[zmq.asyncio.Socket]:
     """A socket bound and/or connected as asked, closed with linger 0 on exit.
+
+    ``monitor``, a mask of ``zmq.EVENT_*``, attaches a monitor *before* binding or connecting
+    (so no event is missed); ``sock.get_monitor_socket()`` then returns its PAIR socket, which
+    is closed with the socket.
 
     With ``credentials`` and a ``tcp://`` endpoint the socket speaks CURVE: as a server when
     it binds, as a client when it connects (the context must have been opened with the same
@@ -105,6 +110,7 @@ async def open_socket(
     (0600) and removed on exit. Errors name the endpoint."""
     sock = ctx.socket(socket_type)
     ipc_file: str | None = None
+    mon: zmq.asyncio.Socket | None = None
     try:
         sock.setsockopt(zmq.LINGER, 0)
         opts = dict(options or {})
@@ -115,6 +121,8 @@ async def open_socket(
                 opts.update(client_options(credentials))
         for opt, value in opts.items():
             sock.setsockopt(opt, value)
+        if monitor:
+            mon = sock.get_monitor_socket(monitor)
         if bind is not None:
             endpoint = check_endpoint(bind)
             if endpoint.startswith("ipc://"):
@@ -134,6 +142,10 @@ async def open_socket(
                 raise ResourceError(f"cannot connect to {target}: {exc}") from None
         yield sock
     finally:
+        if mon is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            mon.close(linger=0)
         sock.close(linger=0)
         if ipc_file is not None:
             with contextlib.suppress(FileNotFoundError):

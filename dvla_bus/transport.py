@@ -48,6 +48,7 @@ from typing import Any, Final, Literal, TypeAlias
 import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from dvla_bus import wire
 from dvla_bus.errors import DeadlineExceeded, DvlaError, PoolError, ResourceError, WireError
@@ -649,6 +650,7 @@ class Outbox:
         self._sent_shm = 0
         self._bytes = 0
         self._credit_waits = 0
+        self.reconnects = 0  # inboxes that came back on the same endpoint (restarted nodes)
         self._topics: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
 
@@ -665,6 +667,7 @@ class Outbox:
                 connect=[endpoint],
                 options={zmq.SNDHWM: 0, zmq.RCVHWM: 0, zmq.MAXMSGSIZE: DATA_MAX_FRAME},
                 credentials=self._credentials,
+                monitor=zmq.EVENT_CONNECTED,
             )
         )
         sock.copy_threshold = COPY_THRESHOLD
@@ -672,6 +675,28 @@ class Outbox:
         self._peers.append(peer)
         await peer.channel.send(wire.Hello(host=self.host), "hello")
         self._tasks.append(asyncio.create_task(self._listen(peer)))
+        self._tasks.append(asyncio.create_task(self._watch_connects(peer)))
+
+    async def _watch_connects(self, peer: _Peer) -> None:
+        """Start over with an inbox that comes back on the same endpoint (its node restarted):
+        the credit and slabs the old one held died with it, and an outbox left without credit
+        would otherwise never send again, so nothing would ever tell it. ZeroMQ reconnects by
+        itself; its monitor says when, and each connection after the first gets a reset and a
+        new Hello (the new inbox grants a fresh window). A reconnection to the *same* inbox
+        after a network blip is treated alike: what was in flight on the broken connection is
+        counted lost."""
+        monitor = peer.channel.sock.get_monitor_socket()
+        connections = 0
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            if event["event"] != zmq.EVENT_CONNECTED:
+                continue
+            connections += 1
+            if connections == 1 or peer not in self._peers:
+                continue
+            self.reconnects += 1
+            self._reset(peer)
+            await peer.channel.send(wire.Hello(host=self.host), "hello")
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         """Wait until every connected inbox has answered (granted credit)."""
@@ -917,6 +942,7 @@ class Outbox:
         out["tx.in_flight"] = stats.in_flight
         out["tx.queued"] = stats.queued
         out["tx.credit_waits"] = stats.credit_waits
+        out["tx.reconnects"] = self.reconnects
         return out
 
     def statistics(self) -> OutboxStats:

@@ -632,7 +632,6 @@ class SamplerNode(Node):
             )
             self.meters.append(self.remote.counters)
         self.reader: WeightReader | None = None
-        self._learner_pids: dict[str, int] = {}  # learner data endpoint -> its process
         self.weights_segment = ""
         self.version = -1
         self.resources.callback(self._close_reader)
@@ -658,14 +657,9 @@ class SamplerNode(Node):
                 continue
             endpoint = m.endpoints.get("data", "")
             if endpoint:
-                known = self._learner_pids.get(endpoint)
-                self._learner_pids[endpoint] = m.pid
-                if known is not None and known != m.pid:
-                    # A restarted learner binds the same endpoint: the credits the old inbox
-                    # held died with it, so say hello again instead of waiting for them.
-                    asyncio.get_running_loop().create_task(self._reconnect(endpoint))
-                else:
-                    asyncio.get_running_loop().create_task(self.outbox.connect(endpoint))
+                # A restarted learner binds the same endpoint; the outbox notices the
+                # reconnection and starts over with the new inbox (Outbox._watch_connects).
+                asyncio.get_running_loop().create_task(self.outbox.connect(endpoint))
             theirs = m.endpoints.get(POLICY_ENDPOINT, "")
             if theirs:
                 self.mismatch = policy_mismatch(self.signature, theirs)
@@ -681,11 +675,6 @@ class SamplerNode(Node):
                     self.version = -1
                 except (DvlaError, OSError) as exc:  # the learner may still be creating it
                     self.log.info("weights not ready yet: %s", exc)
-
-    async def _reconnect(self, endpoint: str) -> None:
-        await self.outbox.disconnect(endpoint)
-        await self.outbox.connect(endpoint)
-        self.counters["learner_reconnects"] = self.counters.get("learner_reconnects", 0) + 1
 
     def _refresh_weights(self) -> None:
         if self.reader is None or self.reader.active_version <= self.version:

@@ -304,12 +304,16 @@ def test_drive_two_workers_and_the_embedded_suite() -> None:
 
 
 def test_bench_envs_quick_writes_json(tmp_path: Path) -> None:
+    # The embedded suite, its env workers and a short through-dvla job (dvla up: learner,
+    # sampler with remote inference, inference node) in one run.
     out = tmp_path / "envs.json"
     proc = dvla(
         "bench",
         "envs",
         "--suite",
-        "gym",
+        "embedded",
+        "--tasks",
+        "reach-red,reach-blue",
         "--num-envs",
         "2",
         "--image-size",
@@ -320,9 +324,13 @@ def test_bench_envs_quick_writes_json(tmp_path: Path) -> None:
         "1",
         "--repeat",
         "1",
+        "--dvla-seconds",
+        "2",
+        "--dvla-warmup",
+        "0.5",
         "--json",
         str(out),
-        timeout=120,
+        timeout=110,
     )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
@@ -330,10 +338,45 @@ def test_bench_envs_quick_writes_json(tmp_path: Path) -> None:
     assert all(c["steps_per_s"] > 0 for c in doc["cases"])
     assert doc["memory"]["per_env_rss_mib"] is not None
     assert doc["memory"]["one_env_process_rss_mib"] > 0
-    assert set(doc["targets"]) == {"shards_1_vs_bare"}
-    assert set(doc["ratios"]) == {"shards_1_vs_bare", "shards_1_vs_bare_per_cpu_s"}
+    assert set(doc["targets"]) == {"shards_1_vs_bare", "dvla_vs_bare"}
     assert all(c["steps_per_cpu_s"] > 0 for c in doc["cases"])
-    assert doc["through_bus"] is None
+    d = doc["through_dvla"]
+    assert d["roles"]["sampler"]["inference"] == "remote"
+    assert d["roles"]["learner"]["group_size"] == 2
+    assert d["exit_status"] == 0  # the job stopped cleanly when asked
+    assert 1.5 <= d["window_s"] <= 10.0
+    assert d["env_steps"] > 0
+    assert d["steps_per_s"] == pytest.approx(d["env_steps"] / d["window_s"])
+    # every observation the inference node answered came from the sampler's 2 environments
+    assert 1.0 <= d["mean_batch"] <= 2.0
+    assert d["cpu_s"] > 0
+    assert d["steps_per_cpu_s"] == pytest.approx(d["env_steps"] / d["cpu_s"])
+    assert {"learner", "sampler", "sampler-envs", "inference", "supervisor"} <= set(
+        d["cores_by_role"]
+    )
+    assert d["cores_by_role"]["sampler-envs"] > 0
+    assert 0 < d["cores_used"] <= (psutil.cpu_count() or 1) + 0.5
+    mem = d["memory"]
+    assert len(mem["env_worker_rss_mib"]["sampler"]) == 1
+    assert mem["sampler_envs_per_worker"] == 2
+    assert mem["per_env_rss_mib"] == pytest.approx(mem["env_worker_rss_mib"]["sampler"][0] / 2)
+    assert mem["job_rss_mib"] > mem["node_rss_mib"]["learner"] > 0
+    per_env = doc["memory"]["rss_per_env_mib"]
+    assert set(per_env) == {"bare", "shards-1", "dvla"}
+    assert all(10 < v < 1000 for v in per_env.values())
+    ref = d["bare_reference"]
+    assert ref["steps_per_s"] == pytest.approx(
+        (ref["before"]["steps_per_s"] + ref["after"]["steps_per_s"]) / 2
+    )
+    r = doc["ratios"]
+    assert r["dvla_vs_bare"] == pytest.approx(d["steps_per_s"] / ref["steps_per_s"])
+    assert r["dvla_vs_bare_per_cpu_s"] == pytest.approx(
+        d["steps_per_cpu_s"] / ref["steps_per_cpu_s"]
+    )
+    assert 0 < r["dvla_vs_bare"] < 2
+    assert 0 < r["dvla_sampling_path_vs_bare_per_cpu_s"] < 2
+    assert doc["checks"]["dvla_vs_bare"] == (r["dvla_vs_bare"] >= 0.9)
+    assert "dvla / bare" in proc.stdout
 
 
 # --------------------------------------------------------------------------- Meta-World

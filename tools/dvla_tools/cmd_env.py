@@ -32,11 +32,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from dvla_bus.errors import ConfigError, DvlaError
+
+if TYPE_CHECKING:
+    from dvla_nodes.envs.suites import WorkerConfig
 
 # The registry's names (dvla_nodes.envs.suites.SUITES; a test keeps them equal), spelled out so
 # that building the CLI does not import the suites (mujoco, gymnasium) for every command.
@@ -121,13 +124,15 @@ def _stamp(path: Path) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def check_suite(suite: str, python: str, seconds: float = 1.0) -> dict[str, Any]:
-    """Step one environment of ``suite`` with random actions in a worker of ``python`` (the
-    bare loop of ``dvla bench envs``); its JSON report."""
-    from dvla_nodes.envs.suites import WorkerConfig
-
-    task = CHECK_TASK.get(suite, "reach-red")
-    config = WorkerConfig(suite, (task,), 1, 64)
+def run_bare_loop(
+    python: str, config: WorkerConfig, seconds: float, *, what: str, timeout: float = 600.0
+) -> dict[str, Any]:
+    """Step ``config``'s environments with random actions for ``seconds`` in one process of
+    ``python`` (``python -m dvla_nodes.envs.suites._worker --bare``: no pipe, no second
+    process) and return the JSON report it prints: steps/s, steps per CPU-second, its memory and
+    versions. Shared by ``dvla env check`` and ``dvla bench envs``. A failure raises a
+    ConfigError "``what`` under ``python`` failed" with the end of its stderr; a run past
+    ``timeout`` seconds raises :class:`subprocess.TimeoutExpired`."""
     cmd = [
         python,
         "-m",
@@ -136,12 +141,22 @@ def check_suite(suite: str, python: str, seconds: float = 1.0) -> dict[str, Any]
         msgspec.json.encode(config).decode(),
         str(seconds),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-10:])
-        raise ConfigError(f"suite {suite!r} check under {python} failed:\n{tail}")
+        raise ConfigError(f"{what} under {python} failed:\n{tail}")
     report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return report
+
+
+def check_suite(suite: str, python: str, seconds: float = 1.0) -> dict[str, Any]:
+    """Step one environment of ``suite`` with random actions in a worker of ``python`` (the
+    bare loop of ``dvla bench envs``); its JSON report."""
+    from dvla_nodes.envs.suites import WorkerConfig
+
+    task = CHECK_TASK.get(suite, "reach-red")
+    config = WorkerConfig(suite, (task,), 1, 64)
+    return run_bare_loop(python, config, seconds, what=f"suite {suite!r} check", timeout=600)
 
 
 def _create(args: argparse.Namespace) -> int:

@@ -18,6 +18,9 @@ Four pieces, each usable alone, all device-agnostic (CPU tensors on a machine wi
   processes exactly as the shared-memory weight pool's do.
 * :class:`VramSlabPool`: fixed device slabs for observation/action batches; acquire, fill a
   view, release; nothing is allocated after construction.
+* :class:`VramFollower`: a local reader that follows one owner's slots across the owner's death
+  and restart (what an inference replica uses): it attaches what the owner advertises on the
+  control bus, detaches promptly when the owner dies, and never waits without a deadline.
 
 The boundary
 ------------
@@ -27,6 +30,9 @@ streams and events, ``cudaHostRegister``, IPC export/import). :class:`CudaBacken
 :func:`default_backend` picks CUDA when it is available. The pools call :meth:`DeviceBackend.empty`
 once per buffer at construction and never again, which is what "no allocator churn" means here
 (:attr:`DeviceBackend.allocations` counts it; tests inject a backend that fakes the CUDA calls).
+:func:`backend_from_spec` turns a configuration string (``auto``, ``cpu``, ``cuda``, ``cuda:N``
+or ``package.module:Class``, a class constructed without arguments) into a backend, which is
+how a node process is told which one to use.
 
 Pins and streams (readers see version N or N+1, never a mix)
 ------------------------------------------------------------
@@ -70,7 +76,9 @@ reused by the owner's caching allocator while an importer still maps it. A reade
 its owner dies (:meth:`VramReader.owner_alive`; the hub's ``node_dead``).
 
 Thread safety: a :class:`VramWeights` has one writer thread (stage/flip/load/bind/close) and any
-number of pinning threads. A :class:`VramReader` belongs to one thread. :class:`VramSlabPool` is
+number of pinning threads. A :class:`VramReader` belongs to one thread, and so does a
+:class:`VramFollower` (except :meth:`~VramFollower.follow_members` and
+:meth:`~VramFollower.owner_gone`, which any thread may call). :class:`VramSlabPool` is
 thread-safe.
 """
 
@@ -78,14 +86,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import logging
+import math
 import mmap
 import os
+import re
 import struct
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, Final, Protocol, Self, TypeAlias
@@ -94,7 +105,8 @@ import msgspec
 import numpy as np
 import torch
 
-from dvla_bus.errors import ConfigError, DeadlineExceeded, PoolError, ResourceError
+from dvla_bus import wire
+from dvla_bus.errors import ConfigError, DeadlineExceeded, DvlaError, PoolError, ResourceError
 from dvla_bus.pool import Layout
 from dvla_bus.shm import (
     PAGE_SIZE,
@@ -115,10 +127,12 @@ from dvla_bus.weights import (
     PinnedVersion,
     WeightPool,
     WeightReader,
-    _fence,
-    _ofd_lock,
-    _open_header,
-    _pin_word,
+    acquire_pin,
+    claim_pin,
+    live_pinners,
+    memory_fence,
+    open_pin_header,
+    pin_lock,
 )
 
 if TYPE_CHECKING:
@@ -133,6 +147,8 @@ __all__ = [
     "IpcHandle",
     "PinnedStaging",
     "VramExport",
+    "VramFollower",
+    "VramFollowerStatistics",
     "VramPin",
     "VramReader",
     "VramSlab",
@@ -141,10 +157,13 @@ __all__ = [
     "VramStatistics",
     "VramWeights",
     "attach_vram",
+    "backend_from_spec",
+    "check_backend_spec",
     "create_vram_weights",
     "default_backend",
     "find_vram",
     "module_manifest",
+    "node_component",
     "torch_dtype",
 ]
 
@@ -530,6 +549,65 @@ def default_backend() -> DeviceBackend:
     return CpuBackend()
 
 
+_SPEC_RE: Final = re.compile(
+    r"(?P<plain>auto|cpu|cuda)(?::(?P<index>[0-9]{1,3}))?"
+    r"|(?P<module>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):(?P<attr>[A-Za-z_][A-Za-z0-9_]*)"
+)
+_BACKEND_ATTRS: Final = ("kind", "device", "allocations", "device_id", "empty", "ipc_export")
+
+
+def check_backend_spec(spec: object) -> str:
+    """Check the form of a backend spec without importing anything (see
+    :func:`backend_from_spec`); returns it, or raises :class:`~dvla_bus.errors.ConfigError`."""
+    m = _SPEC_RE.fullmatch(spec) if isinstance(spec, str) else None
+    if m is None or (m["index"] is not None and m["plain"] != "cuda"):
+        raise ConfigError(
+            f"device backend {spec!r}: expected 'auto', 'cpu', 'cuda', 'cuda:N' or "
+            "'package.module:Class'"
+        )
+    return str(spec)
+
+
+def backend_from_spec(spec: str) -> DeviceBackend:
+    """The backend a configuration string names: ``auto`` (:func:`default_backend`), ``cpu``,
+    ``cuda`` (the current device), ``cuda:N`` (device N), or ``package.module:Class``: a
+    :class:`DeviceBackend` class importable in this process, constructed without arguments
+    (another device runtime; tests name one that fakes the CUDA calls). Raises
+    :class:`~dvla_bus.errors.ConfigError` for a malformed spec or a class that cannot be
+    imported or is not a backend, :class:`~dvla_bus.errors.ResourceError` for ``cuda`` without
+    a CUDA device."""
+    m = _SPEC_RE.fullmatch(check_backend_spec(spec))
+    assert m is not None
+    if m["plain"] == "auto":
+        return default_backend()
+    if m["plain"] == "cpu":
+        return CpuBackend()
+    if m["plain"] == "cuda":
+        return CudaBackend(None if m["index"] is None else int(m["index"]))
+    try:
+        factory = getattr(importlib.import_module(m["module"]), m["attr"])
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"device backend {spec!r}: cannot import it: {exc}") from None
+    if not callable(factory):
+        raise ConfigError(f"device backend {spec!r}: not a class")
+    backend = factory()
+    missing = [a for a in _BACKEND_ATTRS if not hasattr(backend, a)]
+    if missing or getattr(backend, "kind", None) not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"device backend {spec!r}: not a DeviceBackend (missing {missing}, kind "
+            f"{getattr(backend, 'kind', None)!r})"
+        )
+    return backend  # type: ignore[no-any-return]
+
+
+def node_component(node: str) -> str:
+    """The segment-name component for node name ``node`` (``inference.h0.1`` ->
+    ``inference-h0-1``): what a node passes as ``create_vram_weights(node=...)``, and what
+    :class:`VramFollower` looks for when it scans this machine for an owner's slots."""
+    safe = "".join(c if c.isalnum() or c in "_-" else "-" for c in node).lstrip("_-")
+    return (safe or "node")[:64]
+
+
 # --- what travels --------------------------------------------------------------------------------
 
 _Bytes = Annotated[bytes, msgspec.Meta(max_length=4096)]
@@ -732,17 +810,7 @@ class _Control:
         """Pids of live cross-process readers pinning ``slot`` (stale pins are cleared)."""
         if self._header is None:
             return []
-        out = []
-        snapshot = self.pins.copy()  # readers change the words while we look
-        for i in np.flatnonzero(snapshot).tolist():
-            word = int(self.pins[i])
-            if word == 0 or word & 1 != slot:
-                continue
-            if _ofd_lock(self.fd, i, test=True):  # nobody holds the word: its reader died
-                self.pins[i] = 0
-                continue
-            out.append(int(self.pids[i]))
-        return out
+        return live_pinners(self.fd, self.pins, self.pids, slot)
 
     def readers(self) -> list[int]:
         """Pids of attached cross-process readers (alive: holding their word's lock)."""
@@ -751,7 +819,7 @@ class _Control:
         return [
             int(self.pids[i])
             for i in np.flatnonzero(self.pids.copy()).tolist()
-            if not _ofd_lock(self.fd, i, test=True)
+            if not pin_lock(self.fd, i, test=True)
         ]
 
     def close(self) -> None:
@@ -996,7 +1064,7 @@ class VramWeights:
                 os.getpid(),
             )
             struct.pack_into("<Q", mm, 0, _MAGIC)  # last: a reader seeing it sees the rest
-            header, fd = _open_header(seg.name)
+            header, fd = open_pin_header(seg.name)
         except BaseException:
             seg.close()
             raise
@@ -1145,7 +1213,7 @@ class VramWeights:
             self._versions[s] = WRITING
         ctl = self._control.ctl
         ctl[1 + s] = WRITING
-        _fence()  # the store above before the pin scan below (see dvla_bus.weights)
+        memory_fence()  # the store above before the pin scan below (see dvla_bus.weights)
         t0 = time.monotonic()
         deadline = t0 + timeout
         while True:
@@ -1511,14 +1579,12 @@ class VramReader:
     def _claim(self) -> int:
         assert self._pins is not None
         assert self._pids is not None
-        for i in range(MAX_PINS):
-            if _ofd_lock(self._fd, i):
-                self._pins[i] = 0
-                self._pids[i] = os.getpid()
-                return i
-        raise ResourceError(
-            f"VRAM weights {self.export.segment}: all {MAX_PINS} reader slots taken"
-        )
+        i = claim_pin(self._fd, self._pins, self._pids)
+        if i < 0:
+            raise ResourceError(
+                f"VRAM weights {self.export.segment}: all {MAX_PINS} reader slots taken"
+            )
+        return i
 
     def _ctl_words(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         if self._ctl is None:
@@ -1548,29 +1614,14 @@ class VramReader:
         ctl = self._ctl_words()
         pins = self._pins
         assert pins is not None
-        i = self._index
-        deadline = time.monotonic() + timeout
-        while True:
-            s = int(ctl[0])
-            if s >= 0:
-                v = int(ctl[1 + s])
-                if v >= 0:
-                    pins[i] = _pin_word(v, s)
-                    _fence()
-                    if int(ctl[0]) == s and int(ctl[1 + s]) == v:
-                        if self._bound and s != self._bound_slot:
-                            for entries in self._bound:
-                                _repoint(entries, self._views[s])
-                            self._bound_slot = s
-                        self._pinned = VramPin(self, v, s)
-                        return self._pinned
-                    pins[i] = 0
-                    continue
-            if time.monotonic() >= deadline:
-                raise DeadlineExceeded(
-                    f"VRAM reader {self.export.segment}: no version within {timeout:.1f}s"
-                )
-            time.sleep(0.001)
+        what = f"VRAM reader {self.export.segment}: no version"
+        v, s = acquire_pin(ctl, pins, self._index, timeout, what)
+        if self._bound and s != self._bound_slot:
+            for entries in self._bound:
+                _repoint(entries, self._views[s])
+            self._bound_slot = s
+        self._pinned = VramPin(self, v, s)
+        return self._pinned
 
     def bind(self, module: nn.Module) -> None:
         """Make ``module``'s parameters views into the slots (as :meth:`VramWeights.bind`);
@@ -1688,7 +1739,7 @@ def attach_vram(
     if stored != export:
         raise PoolError(f"VRAM export {export.segment}: stale (the segment holds another one)")
     try:
-        header, fd = _open_header(export.segment)
+        header, fd = open_pin_header(export.segment)
     except OSError as exc:
         raise ResourceError(f"segment {export.segment}: cannot open: {exc}") from exc
     return VramReader(export, backend, header, fd)
@@ -1705,6 +1756,243 @@ def find_vram(run: str, name: str = "vram") -> list[str]:
         if parsed.run == run and parsed.name == name and owner_status(parsed) is OwnerStatus.ALIVE:
             found.append(path.name)
     return found
+
+
+# --- following an owner (replicas) ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VramFollowerStatistics:
+    """A snapshot of one :class:`VramFollower`."""
+
+    owner: str
+    segment: str
+    """The control segment attached now ("" when not attached)."""
+    version: int
+    """The attached slots' active version (-1: none, or not attached)."""
+    attaches: int
+    detaches: int
+    owner_deaths: int
+    """Detaches because the owner died or left."""
+    failures: int
+    """Attach attempts that failed (retried after ``retry_s``)."""
+    why: str
+    """Why it is not attached ("" when attached)."""
+
+
+class VramFollower:
+    """Follows one owner's shared VRAM weight slots on this host, across the owner's death and
+    restart: the replica side of :func:`attach_vram`.
+
+    ``owner`` is the owning node's name. Where its slots are comes from the control bus: the
+    owner's member endpoint ``endpoints[key]`` in the hub's membership table
+    (:meth:`follow_members`); an owner that made its slots after it joined advertises none, so
+    with ``run`` the follower also looks for them on this machine (:func:`find_vram` segments
+    whose node component is :func:`node_component` of ``owner``, at most every ``scan_s``
+    seconds). An advertisement from another host than ``host`` is ignored (CUDA IPC maps
+    memory of one machine's GPUs only).
+
+    :meth:`maintain` is the call between forward passes: it detaches when the owner is dead
+    (the hub's ``node_dead`` passed to :meth:`owner_gone`, or :meth:`VramReader.owner_alive`
+    false) or advertises other slots, and attaches the advertised ones. It never waits: an
+    attach that fails (the owner still creating its slots, or already gone) is counted and
+    retried after ``retry_s``; a segment whose owner died is never attached again. Pin the
+    slots through :attr:`reader` (None: not attached; :attr:`why` says why); a pin never
+    sees a half-written slot (the owner's pin protocol).
+
+    Thread safety: :meth:`follow_members` and :meth:`owner_gone` from any thread (they record
+    what is wanted); everything else on the reader's thread."""
+
+    def __init__(
+        self,
+        owner: str,
+        *,
+        backend: DeviceBackend | None = None,
+        run: str = "",
+        host: str = "",
+        key: str = "vram",
+        scan_s: float = 0.5,
+        retry_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not owner:
+            raise ConfigError("VramFollower: the owner's node name is empty")
+        self.owner = owner
+        self.backend = backend
+        self.run = run
+        self.host = host
+        self.key = key
+        self.scan_s = scan_s
+        self.retry_s = retry_s
+        self._clock = clock
+        self._component = node_component(owner)
+        self._lock = threading.Lock()
+        self._wanted = ""  # advertised on the control bus
+        self._gone: list[str] = []  # owner deaths reported since the last maintain()
+        self._dead: list[str] = []  # segments never to attach again (bounded)
+        self._scanned = ""
+        self._scan_at = -math.inf
+        self._failed = ""
+        self._retry_at = -math.inf
+        self._reader: VramReader | None = None
+        self._why = f"{owner} advertises no VRAM slots (yet)"
+        self._attaches = 0
+        self._detaches = 0
+        self._deaths = 0
+        self._failures = 0
+        self._closed = False
+
+    # -- what the control bus says (any thread) --------------------------------------------------
+
+    def follow_members(self, members: Iterable[wire.MemberInfo]) -> None:
+        """Record the slots the owner advertises in the membership table (``Members``)."""
+        wanted, why = "", f"{self.owner} is not a live member of the control bus"
+        for m in members:
+            if m.node != self.owner or m.state == "dead":
+                continue
+            segment = m.endpoints.get(self.key, "")
+            if not segment:
+                why = f"{self.owner} advertises no {self.key!r} endpoint (no shareable slots)"
+            elif self.host and m.host != self.host:
+                why = (
+                    f"{self.owner} is on host {m.host}, this reader on {self.host}: CUDA IPC "
+                    "maps slots on one host only"
+                )
+            else:
+                wanted, why = segment, ""
+        with self._lock:
+            self._wanted = wanted
+            if not wanted and self._reader is None:
+                self._why = why
+
+    def owner_gone(self, node: str) -> None:
+        """The hub's ``node_dead`` for ``node``: if it is the owner, what it advertised is
+        dead; the next :meth:`maintain` detaches."""
+        if node != self.owner:
+            return
+        with self._lock:
+            self._gone.append(self._wanted)
+            self._wanted = ""
+
+    # -- the reader's thread ---------------------------------------------------------------------
+
+    @property
+    def reader(self) -> VramReader | None:
+        return self._reader
+
+    @property
+    def why(self) -> str:
+        """Why :attr:`reader` is None ("" when attached)."""
+        return "" if self._reader is not None else self._why
+
+    def _mark_dead(self, segment: str) -> None:
+        if segment and segment not in self._dead:
+            self._dead.append(segment)
+            del self._dead[:-16]
+
+    def _detach(self, why: str, *, death: bool) -> None:
+        reader, self._reader = self._reader, None
+        if reader is None:
+            return
+        segment = reader.export.segment
+        reader.close()
+        self._detaches += 1
+        if death:
+            self._deaths += 1
+            self._mark_dead(segment)
+        self._why = why
+        log.info("VRAM follower of %s: detached from %s: %s", self.owner, segment, why)
+
+    def _scan(self, now: float) -> str:
+        if now < self._scan_at:
+            return self._scanned
+        self._scan_at = now + self.scan_s
+        best, start = "", -1
+        for name in find_vram(self.run):
+            parsed = SegmentName.parse(name)
+            mine = parsed.node == self._component and name not in self._dead
+            if mine and parsed.start_time > start:
+                best, start = name, parsed.start_time
+        self._scanned = best
+        return best
+
+    def maintain(self) -> VramReader | None:
+        """Detach from dead or superseded slots, attach the owner's current ones; returns
+        :attr:`reader`. Never waits."""
+        if self._closed:
+            raise PoolError(f"VRAM follower of {self.owner}: used after close()")
+        with self._lock:
+            wanted, gone, self._gone = self._wanted, self._gone, []
+        for segment in gone:
+            self._mark_dead(segment)
+        reader = self._reader
+        if reader is not None:
+            segment = reader.export.segment
+            if gone and (segment in gone or "" in gone):
+                self._detach(f"{self.owner} died or left (node_dead)", death=True)
+            elif not reader.owner_alive():
+                self._detach(f"{self.owner}'s process is gone", death=True)
+            elif wanted and wanted != segment:
+                self._detach(f"{self.owner} advertises {wanted} now", death=False)
+            else:
+                return reader
+        now = self._clock()
+        target = wanted
+        if not target and self.run:
+            target = self._scan(now)
+        if not target:
+            if gone:
+                self._why = f"{self.owner} died or left; waiting for it to advertise new slots"
+            return None
+        if target in self._dead:
+            self._why = f"{self.owner}'s slots {target} belong to a dead process"
+            return None
+        if target == self._failed and now < self._retry_at:
+            return None
+        try:
+            reader = attach_vram(target, backend=self.backend)
+        except (DvlaError, OSError) as exc:
+            self._failures += 1
+            self._failed, self._retry_at = target, now + self.retry_s
+            self._why = f"cannot attach {target}: {exc}"
+            log.info("VRAM follower of %s: %s", self.owner, self._why)
+            return None
+        self._reader = reader
+        self._failed = ""
+        self._attaches += 1
+        self._why = ""
+        log.info("VRAM follower of %s: attached %s", self.owner, target)
+        return reader
+
+    def statistics(self) -> VramFollowerStatistics:
+        reader = self._reader
+        version = -1
+        if reader is not None:
+            with contextlib.suppress(PoolError):
+                version = reader.active_version
+        return VramFollowerStatistics(
+            owner=self.owner,
+            segment=reader.export.segment if reader is not None else "",
+            version=version,
+            attaches=self._attaches,
+            detaches=self._detaches,
+            owner_deaths=self._deaths,
+            failures=self._failures,
+            why=self.why,
+        )
+
+    def close(self) -> None:
+        """Detach (idempotent)."""
+        if self._closed:
+            return
+        self._detach("closed", death=False)
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # --- trajectory slabs ----------------------------------------------------------------------------

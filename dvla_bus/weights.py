@@ -34,6 +34,11 @@ pinning pids). It is Dekker's mutual exclusion: either the reader's re-read sees
 (a locked instruction, via a mutex acquire) orders each side's store before its load — on a
 weakly ordered CPU the same code needs a real fence there, which is where it would go.
 
+The protocol's pieces are public (:func:`claim_pin`, :func:`acquire_pin`, :func:`live_pinners`,
+:func:`pin_lock`, :func:`pin_word`, :func:`memory_fence`, :func:`open_pin_header`): the VRAM
+weight slots (:mod:`dvla_bus.vram`) keep the same control and pin words in their own control
+segment and use them unchanged.
+
 A reader may hold one pin at a time; while it holds it, the pinned slot's bytes do not change.
 The writer never blocks readers; readers block the writer only for as long as they hold a pin
 on the slot it wants to reuse (two versions behind).
@@ -73,16 +78,25 @@ if TYPE_CHECKING:
 __all__ = [
     "DIGEST_BYTES",
     "DTYPE_SIZES",
+    "EMPTY",
     "MAX_PINS",
+    "WRITING",
     "Manifest",
     "PinnedVersion",
     "TensorSpec",
     "WeightPool",
     "WeightReader",
+    "acquire_pin",
     "attach_weights",
     "chunk_digester",
+    "claim_pin",
     "create_weight_pool",
     "find_weights",
+    "live_pinners",
+    "memory_fence",
+    "open_pin_header",
+    "pin_lock",
+    "pin_word",
 ]
 
 MAGIC: Final = int.from_bytes(b"DVLAWGT1", "little")
@@ -277,25 +291,31 @@ def chunk_digester(name: str) -> Callable[[Any], bytes]:
     raise ConfigError(f"unknown checksum {name!r} (expected one of: {', '.join(CHECKSUM_IDS)})")
 
 
-# --- cross-process primitives --------------------------------------------------------------------
+# --- the pin protocol ----------------------------------------------------------------------------
+#
+# Public because the VRAM weight slots (dvla_bus.vram) keep the same control words (active slot
+# and slot versions at byte 128, MAX_PINS pin words and pin-owner pids at 256) in their own
+# control segment and speak exactly this protocol with their cross-process readers.
 
 _FENCE = threading.Lock()
 
 
-def _fence() -> None:
+def memory_fence() -> None:
     """A full memory barrier: acquiring a mutex is a locked instruction on x86 (and a barrier
     on every CPU CPython supports), which orders the store before it with the load after it."""
     with _FENCE:
         pass
 
 
-def _pin_word(version: int, slot: int) -> int:
+def pin_word(version: int, slot: int) -> int:
+    """The pin word naming ``version`` in ``slot`` (never 0, which means "no pin")."""
     return ((version + 1) << 1) | slot
 
 
-def _ofd_lock(fd: int, index: int, *, test: bool = False) -> bool:
-    """Take (or, ``test``, probe) the OFD write lock on pin byte ``index``. True: taken (or,
-    probing, nobody holds it)."""
+def pin_lock(fd: int, index: int, *, test: bool = False) -> bool:
+    """Take (or, ``test``, probe) the OFD write lock on pin byte ``index`` of the segment open
+    as ``fd``. True: taken (or, probing, nobody holds it: a set pin word is stale). The kernel
+    drops the lock when the process holding it dies."""
     arg = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, _LOCK_BASE + index, 1, 0)
     if test:
         out = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, arg)
@@ -305,6 +325,82 @@ def _ofd_lock(fd: int, index: int, *, test: bool = False) -> bool:
     except OSError:
         return False
     return True
+
+
+def open_pin_header(name: str) -> tuple[mmap.mmap, int]:
+    """A read-write mapping of segment ``name``'s header page (control and pin words) and an
+    fd for the pin locks; the caller closes both."""
+    fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return mmap.mmap(fd, PAGE_SIZE, flags=mmap.MAP_SHARED), fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def claim_pin(fd: int, pins: npt.NDArray[np.uint64], pids: npt.NDArray[np.uint64]) -> int:
+    """Claim a reader's pin word for this process's lifetime (its OFD lock); returns its
+    index, or -1 when all :data:`MAX_PINS` are taken."""
+    for i in range(MAX_PINS):
+        if pin_lock(fd, i):
+            pins[i] = 0
+            pids[i] = os.getpid()
+            return i
+    return -1
+
+
+def acquire_pin(
+    ctl: npt.NDArray[np.int64],
+    pins: npt.NDArray[np.uint64],
+    index: int,
+    timeout: float,
+    what: str,
+) -> tuple[int, int]:
+    """The reader's side of the pin protocol on pin word ``index``: returns ``(version,
+    slot)`` of the active version, pinned; polls up to ``timeout`` seconds while none is
+    published, then raises :class:`~dvla_bus.errors.DeadlineExceeded`
+    (``"<what> within <timeout>s"``). Clear the word to release."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = int(ctl[0])
+        if s >= 0:
+            v = int(ctl[1 + s])
+            if v >= 0:
+                pins[index] = pin_word(v, s)
+                memory_fence()
+                if int(ctl[0]) == s and int(ctl[1 + s]) == v:
+                    return v, s
+                pins[index] = 0
+                continue
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded(f"{what} within {timeout:.1f}s")
+        time.sleep(0.001)  # nothing published yet: poll
+
+
+def live_pinners(
+    fd: int,
+    pins: npt.NDArray[np.uint64],
+    pids: npt.NDArray[np.uint64],
+    slot: int,
+    *,
+    own: int = -1,
+) -> list[int]:
+    """The writer's side: pids of live readers pinning ``slot`` (stale pins of dead readers
+    are cleared). ``own`` is the caller's own pin word, which is not probed (our own lock
+    never conflicts with us)."""
+    out = []
+    # Readers in other processes change the pin words while we look: scan a private snapshot
+    # (numpy refuses to count non-zeros in memory that changes under it).
+    snapshot = pins.copy()
+    for i in np.flatnonzero(snapshot).tolist():
+        word = int(pins[i])
+        if word == 0 or word & 1 != slot:
+            continue
+        if i != own and pin_lock(fd, i, test=True):  # nobody holds the word: its reader died
+            pins[i] = 0
+            continue
+        out.append(int(pids[i]))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,14 +481,12 @@ class _Base:
         return self.geometry.nbytes
 
     def _claim_pin(self) -> int:
-        for i in range(MAX_PINS):
-            if _ofd_lock(self._fd, i):
-                assert self._pins is not None
-                assert self._pids is not None
-                self._pins[i] = 0
-                self._pids[i] = os.getpid()
-                return i
-        raise ResourceError(f"weight pool {self.name}: all {MAX_PINS} reader slots are taken")
+        assert self._pins is not None
+        assert self._pids is not None
+        i = claim_pin(self._fd, self._pins, self._pids)
+        if i < 0:
+            raise ResourceError(f"weight pool {self.name}: all {MAX_PINS} reader slots are taken")
+        return i
 
     def ctl(self) -> npt.NDArray[np.int64]:
         if self._ctl is None:
@@ -486,26 +580,11 @@ class _Base:
         ctl = self.ctl()
         pins = self._pins
         assert pins is not None
-        i = self._pin_index
-        deadline = time.monotonic() + timeout
-        while True:
-            s = int(ctl[0])
-            if s >= 0:
-                v = int(ctl[1 + s])
-                if v >= 0:
-                    pins[i] = _pin_word(v, s)
-                    _fence()
-                    if int(ctl[0]) == s and int(ctl[1 + s]) == v:
-                        pinned = PinnedVersion(self, v, s)
-                        self._pinned = pinned
-                        return pinned
-                    pins[i] = 0
-                    continue
-            if time.monotonic() >= deadline:
-                raise DeadlineExceeded(
-                    f"weight pool {self.name}: no version published within {timeout:.1f}s"
-                )
-            time.sleep(0.001)  # nothing published yet: poll
+        what = f"weight pool {self.name}: no version published"
+        v, s = acquire_pin(ctl, pins, self._pin_index, timeout, what)
+        pinned = PinnedVersion(self, v, s)
+        self._pinned = pinned
+        return pinned
 
     def _unpin(self, pinned: PinnedVersion) -> None:
         if self._pinned is pinned:
@@ -634,30 +713,14 @@ class WeightPool(_Base):
         active = int(ctl[0])
         s = 0 if active < 0 else 1 - active
         ctl[1 + s] = WRITING
-        _fence()
+        memory_fence()
         return s
 
     def _pinners(self, slot: int) -> list[int]:
         """Pids of live readers pinning ``slot`` (stale pins of dead readers are cleared)."""
-        pins, pids = self._pins, self._pids
-        assert pins is not None
-        assert pids is not None
-        out = []
-        # Readers in other processes change the pin words while we look: scan a private
-        # snapshot (numpy refuses to count non-zeros in memory that changes under it).
-        snapshot = pins.copy()
-        for i in np.flatnonzero(snapshot).tolist():
-            word = int(pins[i])
-            if word == 0 or word & 1 != slot:
-                continue
-            # Our own lock never conflicts with us, so our own pin is not probed.
-            if i != self._pin_index and _ofd_lock(
-                self._fd, i, test=True
-            ):  # nobody holds the slot: its reader died
-                pins[i] = 0
-                continue
-            out.append(int(pids[i]))
-        return out
+        assert self._pins is not None
+        assert self._pids is not None
+        return live_pinners(self._fd, self._pins, self._pids, slot, own=self._pin_index)
 
     def _start(self, version: int, slot: int) -> None:
         self._staging = slot
@@ -847,19 +910,9 @@ def create_weight_pool(
             os.getpid(),
         )
         struct.pack_into("<Q", mm, 0, MAGIC)  # last: a reader seeing it sees a whole header
-        return WeightPool(seg, *_open_header(seg.name), geo, manifest)
+        return WeightPool(seg, *open_pin_header(seg.name), geo, manifest)
     except BaseException:
         seg.close()
-        raise
-
-
-def _open_header(name: str) -> tuple[mmap.mmap, int]:
-    """A read-write mapping of the header page and an fd for the pin locks."""
-    fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return mmap.mmap(fd, PAGE_SIZE, flags=mmap.MAP_SHARED), fd
-    except BaseException:
-        os.close(fd)
         raise
 
 
@@ -895,7 +948,7 @@ def attach_weights(segment: str) -> WeightReader:
         geo = _Geometry(nbytes, stride, data, m_off, m_len, chunk, n_chunks, digests, checksum)
         if data + 2 * stride > len(mm) or manifest.nbytes != nbytes:
             raise PoolError(f"segment {segment}: weight pool header disagrees with its size")
-        return WeightReader(seg, *_open_header(segment), geo, manifest)
+        return WeightReader(seg, *open_pin_header(segment), geo, manifest)
     except BaseException:
         seg.close()
         raise

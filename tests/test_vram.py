@@ -31,6 +31,7 @@ from dvla_bus.vram import (
     CpuBackend,
     IpcHandle,
     VramExport,
+    VramFollower,
     VramPin,
     VramSlab,
     VramSlabPool,
@@ -39,9 +40,11 @@ from dvla_bus.vram import (
     default_backend,
     find_vram,
     module_manifest,
+    node_component,
     torch_dtype,
 )
 from dvla_bus.weights import Manifest, attach_weights, create_weight_pool
+from dvla_bus.wire import MemberInfo
 from tests.data._procs import Child
 from tests.helpers import REPO, wait_for
 
@@ -114,6 +117,20 @@ class FakeCuda(CpuBackend):
             seg.close()
         self._owned = []
         self._attached = []
+
+
+FAKE_GPU_RUN = "fakegpu"
+"""The run component of :class:`NodeFakeCuda`'s buffers (``dvla.fakegpu.gpu.<pid>...``)."""
+
+
+class NodeFakeCuda(FakeCuda):
+    """:class:`FakeCuda` for other processes (node processes, ``gpu_check.py``'s replica):
+    constructed without arguments, as ``backend_from_spec("tests.test_vram:NodeFakeCuda")``
+    (the ``vram_backend`` setting) makes it; every instance is the same fake GPU, so an owner's
+    export maps in a replica's process."""
+
+    def __init__(self) -> None:
+        super().__init__(FAKE_GPU_RUN)
 
 
 @pytest.fixture
@@ -674,6 +691,114 @@ def test_a_reader_process_maps_the_slots_and_pins_across_processes(
         assert vram.readers() == []
 
 
+# --- following an owner ----------------------------------------------------------------------
+
+
+def member(node: str, segment: str = "", *, host: str = "h", state: str = "running") -> MemberInfo:
+    endpoints = {"vram": segment} if segment else {}
+    return MemberInfo(
+        node=node,
+        role="inference",
+        host=host,
+        index=0,
+        pid=1,
+        state=state,
+        weight_version=-1,
+        heartbeat_age=0.0,
+        joined=0.0,
+        endpoints=endpoints,
+    )
+
+
+def test_a_follower_attaches_what_the_owner_advertises_and_drops_dead_slots(
+    fake: FakeCuda, run_id: str
+) -> None:
+    now = [0.0]
+    owner = "inference.h.0"
+    with (
+        create_vram_weights(MANIFEST, backend=fake, run=run_id, node=node_component(owner)) as a,
+        create_vram_weights(
+            MANIFEST, backend=fake, run=run_id, node=node_component(owner), name="again"
+        ) as b,
+        VramFollower(owner, backend=FakeCuda(run_id), host="h", clock=lambda: now[0]) as follower,
+    ):
+        a.load(1, filled(MANIFEST, 1))
+        b.load(7, filled(MANIFEST, 7))
+        assert follower.maintain() is None
+        assert "advertises no VRAM slots" in follower.why
+        # Not the owner, the owner dead, or on another host: nothing to attach.
+        follower.follow_members([member("inference.h.1", a.segment)])
+        assert follower.maintain() is None
+        follower.follow_members([member(owner, a.segment, state="dead")])
+        assert follower.maintain() is None
+        follower.follow_members([member(owner, a.segment, host="h2")])
+        assert follower.maintain() is None
+        assert "CUDA IPC maps slots on one host only" in follower.why
+        follower.follow_members([member(owner)])
+        assert "no 'vram' endpoint" in follower.why
+        # Advertised: attached, and kept while nothing changes.
+        follower.follow_members([member(owner, a.segment), member("learner.h.0")])
+        reader = follower.maintain()
+        assert reader is not None
+        assert follower.maintain() is reader
+        assert a.readers() == [os.getpid()]
+        with reader.pin() as pin:
+            assert (pin.version, values(pin.tensors)) == (1, {1.0})
+        # node_dead: detached at once, and those slots are never attached again.
+        follower.owner_gone("learner.h.0")  # someone else
+        assert follower.maintain() is reader
+        follower.owner_gone(owner)
+        assert follower.maintain() is None
+        assert a.readers() == []
+        follower.follow_members([member(owner, a.segment)])  # a stale table
+        assert follower.maintain() is None
+        assert "dead process" in follower.why
+        # The restarted owner advertises other slots: attached.
+        follower.follow_members([member(owner, b.segment)])
+        reader = follower.maintain()
+        assert reader is not None
+        assert reader.export.segment == b.segment
+        assert reader.active_version == 7
+        stats = follower.statistics()
+        assert (stats.attaches, stats.detaches, stats.owner_deaths) == (2, 1, 1)
+        assert (stats.segment, stats.version, stats.why) == (b.segment, 7, "")
+    assert b.readers() == []  # closing the follower detached it
+
+
+def test_a_follower_finds_unadvertised_slots_and_retries_failed_attaches(
+    fake: FakeCuda, run_id: str
+) -> None:
+    now = [0.0]
+    owner = "inference.h.3"
+    with VramFollower(
+        owner, backend=FakeCuda(run_id), run=run_id, clock=lambda: now[0], scan_s=1.0
+    ) as follower:
+        assert follower.maintain() is None
+        with create_vram_weights(
+            MANIFEST, backend=fake, run=run_id, node=node_component(owner)
+        ) as vram:
+            assert vram.segment.split(".")[2] == "inference-h-3"
+            assert follower.maintain() is None  # the last scan is fresh: no rescan yet
+            now[0] += 1.0
+            reader = follower.maintain()  # found on the machine by its node name
+            assert reader is not None
+            assert reader.export.segment == vram.segment
+            follower.owner_gone(owner)  # left: the scanned slots count as dead
+            assert follower.maintain() is None
+            assert vram.readers() == []
+        # An advertised segment that cannot be attached: counted, retried after retry_s.
+        follower.follow_members([member(owner, f"dvla.{run_id}.x.1.1.vram")])
+        assert follower.maintain() is None
+        assert follower.maintain() is None
+        assert follower.statistics().failures == 1
+        assert "cannot attach" in follower.why
+        now[0] += 1.0
+        assert follower.maintain() is None
+        assert follower.statistics().failures == 2
+    with pytest.raises(PoolError, match="after close"):
+        follower.maintain()
+
+
 # --- trajectory slabs ----------------------------------------------------------------------
 
 LAYOUT = Layout.pack(
@@ -799,11 +924,24 @@ def test_gpu_check_skips_cleanly_without_cuda_and_its_code_runs_on_cpu(
     assert (doc["skipped"], doc["ok"]) == (True, True)
     # The same checks (and the benchmark) on the CPU backend, shrunk: the script's own code
     # is exercised here; only the CUDA-only steps (IPC, allocator counters) wait for a GPU.
-    assert check.main(["--cpu-smoke", "--json", str(out)]) == 0
+    # The replica check (two processes, a real control hub) runs on CUDA faked at the boundary.
+    fake = f"{__name__}:NodeFakeCuda"
+    argv = ["--cpu-smoke", "--replica-backend", fake, "--json", str(out)]
+    assert check.main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["ok"] is True
-    assert set(doc["checks"]) == {"pinned_staging", "slot_flip", "slab_no_alloc", "bench"}
+    assert set(doc["checks"]) == {
+        "pinned_staging",
+        "slot_flip",
+        "replica",
+        "slab_no_alloc",
+        "bench",
+    }
     assert doc["checks"]["slot_flip"]["flips"] == 8
+    replica = doc["checks"]["replica"]
+    assert (replica["versions.1"], replica["versions.2"]) == ([1, 2], [3, 4])
+    assert "died or left" in replica["detach_why.1"]
+    assert replica["replica_exit"] == 0
     bench = doc["checks"]["bench"]
     assert [c["name"] for c in bench["cases"]] == [
         "swap",

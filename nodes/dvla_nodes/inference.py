@@ -35,17 +35,52 @@ pins the active version for exactly its forward pass, so a version published mid
 picked up by the next batch, never in the middle of one, and the writer is never held up longer
 than one forward pass.
 
+**VRAM** (``weights = "vram"``; :mod:`dvla_bus.vram`). The node's device is the one
+``vram_backend`` names (``auto``: CUDA when present, else the CPU, the same code). Once the
+policy is known it allocates, once: two weight slots for the flat layout, loaded from the host
+pool (pinned staging on CUDA) and flipped between batches (an idle node keeps following the
+pool every ~50 ms, so its replicas see new versions too), and a :class:`SlabBatcher`, whose
+fixed device slabs receive every batch's images, proprio and instruction ids (nothing is
+allocated on the device per batch; a batch that does not fit, e.g. one request larger than
+``max_batch``, goes the ordinary way and is counted). When the backend can export the slots
+(CUDA) they are *shared*: a control segment holds their CUDA IPC handles, advertised on the
+control bus as the member endpoint ``endpoints["vram"]`` (in the Join, so only when the policy
+is known before joining, i.e. the embedded suite; otherwise replicas find the segment on the
+machine by its node name). On a CPU backend nothing is shared and no ``vram`` endpoint is
+advertised.
+
+**Replicas** (``vram_from = "inference.{host}.0"``): a node that is not the one named maps the
+named node's slots (:class:`~dvla_bus.vram.VramFollower`: found through the owner's
+``endpoints["vram"]``) instead of loading a copy; each forward pass pins the owner's active
+version and the parameters are re-pointed when the pinned slot changes. When the owner dies
+(the hub's ``node_dead``, or its process is gone) the replica detaches within ~50 ms (answering
+``no_weights`` meanwhile) and attaches the slots a restarted owner advertises. The node named
+owns the slots (so one role-wide setting serves every host: ``{host}`` is each node's own
+host). Only CUDA IPC can map another process's slots: on a CPU backend, or with the owner on
+another host, the replica stops at setup with a configuration error (exit 2).
+
 Settings (``[roles.inference]``): ``max_batch`` (observations per forward, default 32),
 ``gather_ms`` (default 0: on 2 CPU cores waiting only added round-trip time, while the backlog
 of a busy node batches by itself; raise it where a forward pass costs about the same at any
 batch size, e.g. on a GPU), ``window`` (credits per sampler connection, default 4),
-``threads`` (torch threads, default 1). TrainConfig keys given here override
-``[roles.learner]``'s (e.g. ``seed``).
+``threads`` (torch threads, default 1), ``weights`` (``pool`` or ``vram``), ``vram_from`` (a
+node name, ``{host}`` allowed; needs ``weights = "vram"``), ``vram_backend`` (``auto``,
+``cpu``, ``cuda``, ``cuda:N``, or ``package.module:Class``, a
+:class:`~dvla_bus.vram.DeviceBackend` constructed without arguments: another device runtime,
+or in tests one that fakes the CUDA calls; see :func:`dvla_bus.vram.backend_from_spec`).
+TrainConfig keys given here override ``[roles.learner]``'s (e.g. ``seed``).
 
 Lanes: ``inference`` (each forward pass). Counters: ``requests``, ``observations``, ``batches``,
 ``versions_served`` (distinct versions), ``bad_requests``, ``no_weights``, ``replies_dropped``;
 gauges ``mean_batch`` (observations per forward), ``mean_batch_requests``, ``version``,
-``forward_ms`` (moving average).
+``forward_ms`` (moving average). In vram mode also counters ``vram.allocations`` (device
+buffers the pools allocated: constant after setup), ``vram.stages``, ``vram.flips``,
+``vram.stage_timeouts`` (a replica pinned the slot to stage into for over a second: staged
+later),
+``slabs.acquires``, ``slabs.backpressure``, ``slabs.timeouts``, ``slabs.fallbacks``,
+``weights_errors``, and on a replica ``vram.attaches``, ``vram.detaches``,
+``vram.owner_deaths``, ``vram.attach_failures``; gauges ``vram.version``, ``vram.readers``
+(replicas attached to an owner), ``vram.attached`` (a replica), ``slabs.held``.
 """
 
 from __future__ import annotations
@@ -55,6 +90,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import math
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -68,12 +104,24 @@ import zmq.asyncio
 from dvla_bus import wire
 from dvla_bus.errors import ConfigError, DeadlineExceeded, DvlaError
 from dvla_bus.node import Node
+from dvla_bus.pool import Layout
 from dvla_bus.security import Credentials
 from dvla_bus.shm import SegmentName
 from dvla_bus.topology import load_topology
 from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
-from dvla_bus.vram import VramWeights, create_vram_weights
-from dvla_bus.weights import WeightReader, attach_weights, find_weights
+from dvla_bus.vram import (
+    DeviceBackend,
+    VramFollower,
+    VramSlab,
+    VramSlabPool,
+    VramWeights,
+    backend_from_spec,
+    check_backend_spec,
+    create_vram_weights,
+    node_component,
+    torch_dtype,
+)
+from dvla_bus.weights import Manifest, WeightReader, attach_weights, find_weights
 from dvla_nodes.learn.suite import (
     POLICY_ENDPOINT,
     policy_from_signature,
@@ -83,7 +131,8 @@ from dvla_nodes.learn.suite import (
 )
 from dvla_nodes.pipeline import train_config
 from dvla_nodes.policy import build_policy
-from dvla_nodes.policy.act import ActOutput, PolicyActor
+from dvla_nodes.policy.act import ActOutput, PolicyActor, token_log_probs
+from dvla_nodes.policy.actions import tokens_to_actions
 from dvla_nodes.policy.flat import FlatLayout, bind, flatten
 from dvla_nodes.policy.model import VLAPolicy
 from dvla_nodes.policy.tokenizer import Tokenizer
@@ -97,6 +146,7 @@ __all__ = [
     "InferenceSettings",
     "RemoteAct",
     "RemotePolicy",
+    "SlabBatcher",
     "open_remote_policy",
     "request_bytes",
 ]
@@ -259,10 +309,21 @@ class RemoteAct(ActOutput):
 # --- the node ----------------------------------------------------------------------------------
 
 
+#: A node name as ``vram_from`` takes it: ``<role>.<host>.<index>``, ``{host}`` standing for the
+#: node's own host.
+_NODE_RE: Final = re.compile(
+    r"[A-Za-z0-9][A-Za-z0-9_-]*\.(?:[A-Za-z0-9][A-Za-z0-9_-]*|\{host\})\.[0-9]+"
+)
+_TICK_S: Final = 0.05  # vram mode: how often an idle node follows its weights
+_SLABS: Final = 2  # observation slabs: the run loop fills one batch while the previous computes
+_STATS_S: Final = 0.2  # gauges from the device pools at most this often
+
+
 @dataclass(frozen=True, slots=True)
 class InferenceSettings:
     """``[roles.inference]``: observations per forward pass, the idle gather window
-    (milliseconds), credits per sampler connection, torch threads."""
+    (milliseconds), credits per sampler connection, torch threads, where the weights live
+    (``weights``, ``vram_from``, ``vram_backend``; see the module docstring)."""
 
     max_batch: int = 32
     gather_ms: float = 0.0
@@ -272,9 +333,25 @@ class InferenceSettings:
     # "vram": two preallocated device slots (dvla_bus.vram; CUDA when present, else the same
     # code on CPU memory) loaded from the pool and flipped between batches.
     weights: str = "pool"
+    # A node name ("inference.{host}.0"): map that node's VRAM slots (CUDA IPC) instead of
+    # loading a copy. The node it names owns the slots ("" : every node owns its own).
+    vram_from: str = ""
+    # The device backend (dvla_bus.vram.backend_from_spec): auto, cpu, cuda, cuda:N or
+    # package.module:Class.
+    vram_backend: str = "auto"
+
+    def owner(self, host: str) -> str:
+        """The node whose VRAM slots a node on ``host`` maps ("" : none)."""
+        return self.vram_from.replace("{host}", host)
 
     @staticmethod
     def from_settings(settings: Mapping[str, wire.Scalar]) -> InferenceSettings:
+        vram_from = settings.get("vram_from", "")
+        vram_backend = settings.get("vram_backend", "auto")
+        if not isinstance(vram_from, str):
+            raise ConfigError(f"roles.inference.vram_from: {vram_from!r} must be a node name")
+        if not isinstance(vram_backend, str):
+            raise ConfigError(f"roles.inference.vram_backend: {vram_backend!r} must be a string")
         try:
             out = InferenceSettings(
                 max_batch=int(settings.get("max_batch", 32)),
@@ -282,6 +359,8 @@ class InferenceSettings:
                 window=int(settings.get("window", 4)),
                 threads=int(settings.get("threads", 1)),
                 weights=str(settings.get("weights", "pool")),
+                vram_from=vram_from,
+                vram_backend=vram_backend,
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"[roles.inference]: {exc}") from None
@@ -291,6 +370,22 @@ class InferenceSettings:
             raise ConfigError(f"[roles.inference]: weights={out.weights!r}: 'pool' or 'vram'")
         if not (math.isfinite(out.gather_ms) and out.gather_ms >= 0):
             raise ConfigError(f"[roles.inference]: gather_ms={out.gather_ms} must be >= 0")
+        if out.vram_from:
+            if not _NODE_RE.fullmatch(out.vram_from):
+                raise ConfigError(
+                    f"roles.inference.vram_from: {out.vram_from!r} is not a node name "
+                    '(<role>.<host>.<index>, e.g. "inference.{host}.0"; {host} is each node\'s '
+                    "own host)"
+                )
+            if out.weights != "vram":
+                raise ConfigError(
+                    f"roles.inference.vram_from = {out.vram_from!r} maps another node's VRAM "
+                    f'slots: it needs weights = "vram" (weights is {out.weights!r})'
+                )
+        try:
+            check_backend_spec(out.vram_backend)
+        except ConfigError as exc:
+            raise ConfigError(f"roles.inference.vram_backend: {exc}") from None
         return out
 
 
@@ -299,6 +394,158 @@ class _Item:
     delivery: Delivery
     request: ActRequest | None
     error: InferenceError | None
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One forward pass's observations: host arrays, or device tensors in a held slab."""
+
+    ins: list[str]
+    images: np.ndarray[Any, Any] | None = None
+    proprio: np.ndarray[Any, Any] | None = None
+    slab: VramSlab | None = None
+    tensors: Mapping[str, torch.Tensor] | None = None
+
+    def release(self) -> None:
+        slab, self.slab = self.slab, None
+        if slab is not None:
+            slab.release()
+
+
+class SlabBatcher:
+    """Observation batches assembled in fixed device slabs: the trajectory half of the dual
+    pool on an inference node's device (:class:`~dvla_bus.vram.VramSlabPool`).
+
+    Each of ``slabs`` slabs holds ``max_rows`` rows of ``images`` uint8 (R, S, S, 3),
+    ``proprio`` float32 (R, P) and instruction ``ids`` int64 (R, L). :meth:`fill` copies the
+    requests' rows into a free slab and returns the device tensors of the batch's rows: on the
+    CPU straight into the slab, on a GPU through a host staging area of the same layout per
+    slab (page-locked when CUDA is there), one host-to-device copy per field. Nothing is
+    allocated per batch. A slab's staging area is rewritten only after that slab was released,
+    i.e. after its forward pass synchronised (the sampled outputs reach the host).
+
+    The outputs are not slabbed: tokens are sampled on the host with a CPU generator (so runs
+    are reproducible on any device) and so are born in host memory, where the reply needs them.
+
+    No free slab (backpressure, counted by the pool), a batch larger than ``max_rows`` or a
+    torn request make the caller assemble that batch the ordinary way (:attr:`fallbacks`).
+    Thread-safety: :meth:`fill` on one thread; a returned slab may be released on another."""
+
+    def __init__(
+        self,
+        backend: DeviceBackend,
+        max_rows: int,
+        image_size: int,
+        proprio_dim: int,
+        max_tokens: int,
+        *,
+        slabs: int = _SLABS,
+    ) -> None:
+        self.backend = backend
+        self.max_rows = max_rows
+        self.layout = Layout.pack(
+            [
+                ("images", "uint8", (max_rows, image_size, image_size, 3)),
+                ("proprio", "float32", (max_rows, proprio_dim)),
+                ("ids", "int64", (max_rows, max_tokens)),
+            ]
+        )
+        self.pool = VramSlabPool(slabs, self.layout.nbytes, backend=backend)
+        self.fallbacks = 0
+        self._staged = backend.kind != "cpu"
+        self._host: list[dict[str, np.ndarray[Any, Any]] | None] = [None] * slabs
+        self._staging: list[dict[str, torch.Tensor]] = []
+        if self._staged:
+            pinned = torch.cuda.is_available()
+            for _ in range(slabs):
+                buf = torch.empty(self.layout.nbytes, dtype=torch.uint8, pin_memory=pinned)
+                self._staging.append(
+                    {
+                        f.name: buf[f.offset : f.end].view(torch_dtype(f.dtype)).view(f.shape)
+                        for f in self.layout.fields
+                    }
+                )
+
+    def _host_views(self, slab: VramSlab) -> dict[str, np.ndarray[Any, Any]]:
+        host = self._host[slab.index]
+        if host is None:
+            src = self._staging[slab.index] if self._staged else slab.view(self.layout)
+            host = self._host[slab.index] = {k: v.numpy() for k, v in src.items()}
+        return host
+
+    def fill(
+        self, requests: Sequence[ActRequest], tokenizer: Tokenizer
+    ) -> tuple[VramSlab, dict[str, torch.Tensor]] | None:
+        """Copy ``requests`` into a free slab; returns it (release it after the forward pass)
+        and the device tensors of the batch's rows, or None (see :attr:`fallbacks`)."""
+        rows = sum(len(r.instructions) for r in requests)
+        if rows > self.max_rows:
+            self.fallbacks += 1
+            return None
+        slab = self.pool.acquire_nowait()
+        if slab is None:
+            self.fallbacks += 1
+            return None
+        host = self._host_views(slab)
+        images, proprio, ids = host["images"], host["proprio"], host["ids"]
+        a = 0
+        for r in requests:
+            b = a + len(r.instructions)
+            images[a:b] = r.images
+            proprio[a:b] = r.proprio
+            for i, text in enumerate(r.instructions):
+                ids[a + i] = tokenizer.encode(text)  # cached per distinct instruction
+            a = b
+        device = slab.view(self.layout)
+        if self._staged:
+            staging = self._staging[slab.index]
+            for name, t in device.items():
+                t[:rows].copy_(staging[name][:rows], non_blocking=True)
+        return slab, {name: t[:rows] for name, t in device.items()}
+
+    def close(self) -> None:
+        self.pool.close()
+        self._host = [None] * len(self._host)
+        self._staging = []
+
+
+@torch.inference_mode()
+def _act_on_device(
+    actor: PolicyActor,
+    images: torch.Tensor,
+    proprio: torch.Tensor,
+    ids: torch.Tensor,
+    generator: torch.Generator,
+) -> ActOutput:
+    """:meth:`PolicyActor.act` on inputs already on the parameters' device (a slab's views):
+    the same forward pass and the same host-side sampling, without moving the inputs."""
+    model = actor.model
+    was_training = model.training
+    model.eval()
+    logits = model(images, proprio, ids)
+    model.train(was_training)
+    logp_all = token_log_probs(logits, actor.temperature).float().cpu()  # (B, A, bins)
+    b, a, k = logp_all.shape
+    tokens = torch.multinomial(logp_all.exp().reshape(b * a, k), 1, generator=generator)
+    tokens = tokens.reshape(b, a)
+    logp = logp_all.gather(-1, tokens[..., None])[..., 0]
+    tok = tokens.numpy()
+    return ActOutput(
+        actions=tokens_to_actions(tok, logits.shape[-1]),
+        tokens=tok.astype(np.int64),
+        logp=logp.numpy().astype(np.float32),
+    )
+
+
+def _buffers_to(model: torch.nn.Module, device: torch.device) -> None:
+    """Move ``model``'s buffers (not its parameters, which the weight slots provide) to
+    ``device``: a few small allocations, once."""
+    if device.type == "cpu":
+        return
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != device:
+                module._buffers[name] = buf.to(device)
 
 
 class InferenceNode(Node):
@@ -324,6 +571,22 @@ class InferenceNode(Node):
         self.actor: PolicyActor | None = None
         self.proprio_dim = -1
         self.signature = ""
+        self.reader: WeightReader | None = None
+        # vram mode: the device, this node's own slots or (a replica) the owner's, the slabs.
+        self.backend: DeviceBackend | None = None
+        self.vram: VramWeights | None = None
+        self.follower: VramFollower | None = None
+        self.batcher: SlabBatcher | None = None
+        self._placeholder: torch.Tensor | None = None
+        self.resources.callback(self._close_all)
+        if self.settings.weights == "vram":
+            self.backend = self._make_backend()
+            owner = self.settings.owner(cfg.host)
+            if owner and owner != cfg.node_id:
+                self._check_replica(owner, self.backend)
+                self.follower = VramFollower(
+                    owner, backend=self.backend, run=cfg.run_id, host=cfg.host
+                )
         if self.train.suite == "embedded":  # its policy needs no environment to build
             model, tok = build_policy(
                 self.train.policy_size,
@@ -333,47 +596,129 @@ class InferenceNode(Node):
                 stem=self.train.policy_stem,
             )
             self._adopt(model, tok)
+            # Before joining: slots made now are advertised in the Join (endpoints["vram"]).
+            self._device_pools(advertise=True)
         self.gen = torch.Generator().manual_seed(self.train.seed + 5000 + cfg.index)
-        self.reader: WeightReader | None = None
-        self.vram: VramWeights | None = None
-        self.resources.callback(self._close_reader)
-        # One thread runs every forward pass: it pins and reads the pool (a reader belongs to
-        # one thread) while the event loop keeps receiving and granting credit. Shut down
-        # (waiting for a forward in progress) before the reader closes: callbacks run LIFO.
+        # One thread runs every forward pass and all weight following: it pins and reads the
+        # pool or slots (a reader belongs to one thread) while the event loop keeps receiving
+        # and granting credit. Shut down (waiting for a forward in progress) before the
+        # readers close: callbacks run LIFO.
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=cfg.node_id)
         self.resources.callback(self._pool.shutdown, wait=True)
         self.inbox = await self.open_inbox(window=self.settings.window)
         self._reader_gen = 0
-        self._bound: tuple[int, int] | None = None  # (reader generation, slot) bound to
+        # What the parameters view: ("pool", reader generation, slot), ("vram", 0, slot) or
+        # ("replica", attach count, slot).
+        self._bound: tuple[str, int, int] | None = None
         self._learner_segment = ""  # a learner on this host advertises its pool
         self._last_scan = 0.0
+        self._stale_warned = -1
+        self._stage_timeouts = 0  # stagings deferred because a reader held the slot too long
         self._carry: Delivery | None = None
         self._seen: dict[bytes, float] = {}  # sampler connection -> last request (monotonic)
         self._pruned = 0.0
         self._swept = time.monotonic()
+        self._stats_at = 0.0
+        self._errors_logged = -math.inf
         self._versions: set[int] = set()
         self._batch = 0
         self._forward_ms = 0.0
         for key in ("requests", "observations", "batches", "versions_served", "bad_requests"):
             self.counters[key] = 0
+        self.meters.append(self._device_counters)
 
-    # --- following the host's weight pool (between batches only) ----------------------------
+    def _make_backend(self) -> DeviceBackend:
+        spec = self.settings.vram_backend
+        try:
+            return backend_from_spec(spec)
+        except DvlaError as exc:
+            raise ConfigError(f"roles.inference.vram_backend = {spec!r}: {exc}") from None
+
+    def _check_replica(self, owner: str, backend: DeviceBackend) -> None:
+        """A replica maps ``owner``'s slots: only through CUDA IPC, only on one host."""
+        cfg, given = self.config, self.settings.vram_from
+        host = owner.split(".")[1]
+        if host != cfg.host:
+            raise ConfigError(
+                f"roles.inference.vram_from = {given!r}: {owner} would be on host {host}, this "
+                f"node is on {cfg.host}; CUDA IPC shares GPU memory between processes of one "
+                'host only (write "inference.{host}.0" for each host\'s first node)'
+            )
+        if backend.kind != "cuda":
+            raise ConfigError(
+                f"roles.inference.vram_from = {given!r}: mapping {owner}'s VRAM slots needs "
+                f"CUDA IPC, but this node's device backend is {backend.kind!r} (no CUDA device; "
+                f"vram_backend = {self.settings.vram_backend!r}); leave vram_from out (every "
+                'node loads its own slots) or use weights = "pool" on a CPU host'
+            )
+
+    # --- the weights (between batches only, on the inference thread) --------------------------
 
     def _close_reader(self) -> None:
+        """Stop following the host's weight pool (VRAM slots, if any, stay)."""
         if self.vram is not None:
-            self.vram.close()
-            self.vram = None
+            self.vram.detach_host()
         if self.reader is not None:
             self.reader.close()
             self.reader = None
-            self._bound = None
+            if self._bound is not None and self._bound[0] == "pool":
+                self._bound = None
+
+    def _close_all(self) -> None:
+        self._close_reader()
+        if self.vram is not None:
+            # Replicas detach on the hub's node_dead for us (we left before this runs).
+            self.vram.close(reader_timeout=min(2.0, self.config.grace / 2))
+            self.vram = None
+        if self.follower is not None:
+            self.follower.close()
+        if self.batcher is not None:
+            self.batcher.close()
 
     def _adopt(self, model: VLAPolicy, tok: Tokenizer) -> None:
         self.model = model
         self.layout, _ = flatten(model)
-        self.actor = PolicyActor(model, tok, self.train.temperature)
         self.proprio_dim = int(model.cfg.proprio_dim)
         self.signature = policy_signature(self.train.suite, model, tok)
+        # Last: the inference thread takes a set actor to mean the rest is there too.
+        self.actor = PolicyActor(model, tok, self.train.temperature)
+
+    def _device_pools(self, *, advertise: bool) -> None:
+        """vram mode, once the policy is known: the observation slabs and (unless this node is
+        a replica) the two weight slots, shared with local replicas when the backend can
+        export them (CUDA). All of this node's device memory is allocated here, once."""
+        backend, model, layout, actor = self.backend, self.model, self.layout, self.actor
+        if backend is None or model is None or layout is None or actor is None:
+            return
+        if self.batcher is not None:
+            return
+        cfg = self.config
+        _buffers_to(model, backend.device)
+        self._placeholder = torch.zeros((), dtype=torch.float32, device=backend.device)
+        self.batcher = SlabBatcher(
+            backend,
+            self.settings.max_batch,
+            int(model.cfg.image_size),
+            self.proprio_dim,
+            actor.tokenizer.max_tokens,
+        )
+        if self.follower is not None:
+            return
+        share = backend.kind == "cuda"
+        self.vram = create_vram_weights(
+            Manifest.from_specs([("flat", "float32", (layout.total,))]),
+            backend=backend,
+            run=cfg.run_id if share else None,
+            node=node_component(cfg.node_id),
+        )
+        if share and advertise:
+            self.endpoints["vram"] = self.vram.segment
+        self.log.info(
+            "VRAM slots on %s (%s)%s",
+            backend.kind,
+            backend.device,
+            f", shared as {self.vram.segment}" if share else "",
+        )
 
     def _follow_policy(self, theirs: str) -> None:
         """The learner's policy signature: build it (a suite other than the embedded one) or
@@ -412,6 +757,12 @@ class InferenceNode(Node):
             segment = m.endpoints.get("weights", "")
             if m.role == "learner" and m.host == self.config.host and m.state != "dead" and segment:
                 self._learner_segment = segment
+        if self.follower is not None:
+            self.follower.follow_members(members)
+
+    def on_node_dead(self, dead: wire.NodeDead) -> None:
+        if self.follower is not None:
+            self.follower.owner_gone(dead.node)
 
     def _wanted_segment(self) -> str:
         if self._learner_segment:
@@ -453,13 +804,53 @@ class InferenceNode(Node):
             return
         self.reader = reader
         self._reader_gen += 1
-        if self.settings.weights == "vram":
-            # Slots for the pool's manifest, loaded from it (pinned staging on CUDA). All the
-            # device memory is allocated here, once per followed pool.
-            self.vram = create_vram_weights(reader.manifest)
+        if self.vram is not None:
+            # Loaded from the pool (pinned staging on CUDA) into the slots made once.
             self.vram.attach_host(reader)
-            self.log.info("VRAM slots on %s for pool %s", self.vram.backend.kind, segment)
         self.log.info("following weight pool %s", segment)
+
+    def _unbind(self) -> None:
+        """Point every parameter at a one-element placeholder (expanded to its shape):
+        nothing keeps detached slots mapped (a dead owner's GPU memory is freed once no
+        process maps it)."""
+        model, placeholder = self.model, self._placeholder
+        if model is not None and placeholder is not None:
+            for p in model.parameters():
+                p.data = placeholder.expand(p.shape)
+        self._bound = None
+
+    def _maintain(self) -> None:
+        """In the inference thread, between forward passes: follow the weights. A replica
+        attaches / detaches its owner's slots; an owner of VRAM slots follows the host's pool
+        and flips to (then starts staging) newer versions; a pool reader follows the pool."""
+        if self.actor is None:  # no policy yet: nothing to bind weights to
+            return
+        if self.backend is not None and self.batcher is None:
+            self._device_pools(advertise=False)  # the policy came after joining
+        if self.follower is not None:
+            if self.follower.maintain() is None and self._bound is not None:
+                self._unbind()
+            return
+        self._follow_pool()
+        vram = self.vram
+        if vram is not None and vram.host is not None:
+            try:
+                vram.refresh(timeout=1.0)
+            except DeadlineExceeded as exc:
+                # A replica's forward pass still pins the slot to stage into: serve the
+                # active version and stage again next time (nothing was half-written).
+                self._stage_timeouts += 1
+                self.log.debug("staging deferred: %s", exc)
+            host = vram.host.pool.active_version
+            if 0 <= host < vram.active_version and host != self._stale_warned:
+                self._stale_warned = host
+                self.log.warning(
+                    "weight pool %s restarted its versions at %d, below the active %d: its "
+                    "versions load once they pass it",
+                    vram.host.pool.name,
+                    host,
+                    vram.active_version,
+                )
 
     # --- batching ------------------------------------------------------------------------------
 
@@ -521,77 +912,175 @@ class InferenceNode(Node):
                 items.append(_Item(d, None, exc))
         return items
 
-    def _forward(
-        self, images: np.ndarray[Any, Any], proprio: np.ndarray[Any, Any], ins: list[str]
-    ) -> tuple[ActOutput, int, float]:
-        """In the inference thread: pin the active version for exactly this forward pass."""
-        reader = self.reader
-        assert reader is not None
-        model, layout, actor = self.model, self.layout, self.actor
-        assert model is not None
-        assert layout is not None
-        assert actor is not None
-        if self.vram is not None:
-            return self._forward_vram(self.vram, images, proprio, ins)
-        with reader.pin(timeout=1.0) as pinned:
-            key = (self._reader_gen, pinned.slot)
-            if self._bound != key:
-                # Parameters become views of the pinned slot: zero copy, and while the pin is
-                # held the writer cannot reuse that slot.
-                bind(model, layout, pinned.tensors()["flat"])
-                self._bound = key
-            t0 = time.perf_counter()
-            out = actor.act(images, proprio, ins, generator=self.gen)
-            return out, pinned.version, time.perf_counter() - t0
+    def _forward(self, batch: _Batch) -> tuple[ActOutput, int, float]:
+        """In the inference thread: follow the weights, then pin the active version for
+        exactly this forward pass. Raises :class:`InferenceError` (``no_weights``) when there
+        is nothing to compute with."""
+        try:
+            self._maintain()
+            if self.follower is not None:
+                return self._forward_replica(self.follower, batch)
+            if self.reader is None or self.reader.active_version < 0:
+                raise InferenceError("no_weights", "no weight version published yet")
+            if self.vram is not None:
+                return self._forward_vram(self.vram, batch)
+            return self._forward_pool(self.reader, batch)
+        except InferenceError:
+            raise
+        except DvlaError as exc:  # the pool went away under us (its writer died), ...
+            self.log.warning("forward pass failed, re-attaching the weights: %s", exc)
+            if self.follower is None:
+                self._close_reader()
+            raise InferenceError("no_weights", str(exc)) from None
+        finally:
+            batch.release()
 
-    def _forward_vram(
-        self,
-        vram: VramWeights,
-        images: np.ndarray[Any, Any],
-        proprio: np.ndarray[Any, Any],
-        ins: list[str],
-    ) -> tuple[ActOutput, int, float]:
-        """As :meth:`_forward`, on the VRAM slots: between batches flip to a staged version and
-        start staging a newer one from the host pool (never waiting for a copy, except for the
-        very first version); the forward pass runs under a pin of the active slot, and the
-        parameters are views of that slot (re-pointed only when the slot changes)."""
-        model, layout, actor = self.model, self.layout, self.actor
-        assert model is not None
-        assert layout is not None
+    def _act(self, batch: _Batch) -> tuple[ActOutput, float]:
+        actor = self.actor
         assert actor is not None
-        vram.refresh(timeout=1.0)
+        t0 = time.perf_counter()
+        if batch.tensors is not None:
+            t = batch.tensors
+            out = _act_on_device(actor, t["images"], t["proprio"], t["ids"], self.gen)
+        else:
+            assert batch.images is not None
+            assert batch.proprio is not None
+            out = actor.act(batch.images, batch.proprio, batch.ins, generator=self.gen)
+        return out, time.perf_counter() - t0
+
+    def _bind(self, key: tuple[str, int, int], flat: torch.Tensor) -> None:
+        if self._bound != key:
+            # Parameters become views of the pinned slot: zero copy, and while the pin is
+            # held the writer cannot reuse that slot.
+            assert self.model is not None
+            assert self.layout is not None
+            bind(self.model, self.layout, flat)
+            self._bound = key
+
+    def _forward_pool(self, reader: WeightReader, batch: _Batch) -> tuple[ActOutput, int, float]:
+        with reader.pin(timeout=1.0) as pinned:
+            self._bind(("pool", self._reader_gen, pinned.slot), pinned.tensors()["flat"])
+            out, seconds = self._act(batch)
+            return out, pinned.version, seconds
+
+    def _forward_vram(self, vram: VramWeights, batch: _Batch) -> tuple[ActOutput, int, float]:
+        """On this node's VRAM slots: :meth:`_maintain` flipped to a staged version and
+        started staging a newer one from the host pool (never waiting for a copy, except for
+        the very first version); the forward pass runs under a pin of the active slot, and the
+        parameters are views of that slot (re-pointed only when the slot changes)."""
         deadline = time.monotonic() + 5.0
         while vram.active_version < 0 and time.monotonic() < deadline:
             time.sleep(0.001)  # the first version's copy; later ones overlap with batches
             vram.refresh(timeout=1.0)
         with vram.pin(timeout=1.0) as pinned:
-            key = (self._reader_gen, 2 + pinned.slot)
-            if self._bound != key:
-                bind(model, layout, pinned.tensors["flat"])
-                self._bound = key
-            t0 = time.perf_counter()
-            out = actor.act(images, proprio, ins, generator=self.gen)
-            return out, pinned.version, time.perf_counter() - t0
+            self._bind(("vram", 0, pinned.slot), pinned.tensors["flat"])
+            out, seconds = self._act(batch)
+            return out, pinned.version, seconds
+
+    def _forward_replica(
+        self, follower: VramFollower, batch: _Batch
+    ) -> tuple[ActOutput, int, float]:
+        """On the owner's slots, mapped through CUDA IPC: each pass pins the owner's active
+        version (the owner cannot rewrite it meanwhile) and re-points the parameters when the
+        pinned slot (or the attachment) changed."""
+        reader = follower.reader
+        if reader is None:
+            raise InferenceError("no_weights", f"no VRAM slots to read: {follower.why}")
+        if reader.active_version < 0:
+            raise InferenceError("no_weights", f"{follower.owner}'s VRAM slots hold no version")
+        generation = follower.statistics().attaches
+        with reader.pin(timeout=1.0) as pinned:
+            self._bind(("replica", generation, pinned.slot), pinned.tensors["flat"])
+            out, seconds = self._act(batch)
+            return out, pinned.version, seconds
+
+    async def _follow_weights(self) -> None:
+        """vram mode: follow the weights while no request comes (an owner loads new versions
+        for its replicas; a replica detaches from a dead owner promptly)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_TICK_S)
+            try:
+                await loop.run_in_executor(self._pool, self._maintain)
+            except Exception as exc:  # never let this task die silently; forwards retry
+                self.counters["weights_errors"] = self.counters.get("weights_errors", 0) + 1
+                now = time.monotonic()
+                if now - self._errors_logged > 10.0:
+                    self._errors_logged = now
+                    self.log.warning(
+                        "following the weights: %s", exc, exc_info=not isinstance(exc, DvlaError)
+                    )
+            self._publish_gauges()
+
+    def _device_counters(self) -> dict[str, int]:
+        """Counters of the device pools, for the heartbeats (``Node.meters``)."""
+        out: dict[str, int] = {}
+        if self.backend is not None:
+            out["vram.allocations"] = self.backend.allocations
+        vram = self.vram
+        if vram is not None:
+            st = vram.statistics()
+            out["vram.stages"] = st.stages
+            out["vram.flips"] = st.flips
+            out["vram.stage_timeouts"] = self._stage_timeouts
+        follower = self.follower
+        if follower is not None:
+            fs = follower.statistics()
+            out["vram.attaches"] = fs.attaches
+            out["vram.detaches"] = fs.detaches
+            out["vram.owner_deaths"] = fs.owner_deaths
+            out["vram.attach_failures"] = fs.failures
+        batcher = self.batcher
+        if batcher is not None:
+            ss = batcher.pool.statistics()
+            out["slabs.acquires"] = ss.acquires
+            out["slabs.backpressure"] = ss.backpressure
+            out["slabs.timeouts"] = ss.timeouts
+            out["slabs.fallbacks"] = batcher.fallbacks
+        return out
+
+    def _publish_gauges(self) -> None:
+        now = time.monotonic()
+        if now - self._stats_at < _STATS_S:
+            return
+        self._stats_at = now
+        g = self.gauges
+        vram = self.vram
+        if vram is not None:
+            g["vram.readers"] = float(len(vram.readers()))
+            g["vram.version"] = float(vram.active_version)
+        follower = self.follower
+        if follower is not None:
+            fs = follower.statistics()
+            g["vram.attached"] = float(bool(fs.segment))
+            g["vram.version"] = float(fs.version)
+        batcher = self.batcher
+        if batcher is not None:
+            g["slabs.held"] = float(batcher.pool.statistics().held)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        follow = None
+        if self.backend is not None:
+            follow = asyncio.create_task(self._follow_weights(), name="follow-weights")
+        try:
+            await self._serve(loop)
+        finally:
+            if follow is not None:
+                follow.cancel()
+                await asyncio.gather(follow, return_exceptions=True)
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             await self.wait_unpaused()
             items = self._decode(await self._gather())
-            self._follow_pool()
             now = time.monotonic()
             if now - self._swept > _SWEEP_S:
                 # Samplers come and go: unmap the request slabs of those whose process is gone.
                 self._swept = now
                 self.inbox.forget_dead_pools()
             good = [it for it in items if it.request is not None]
-            if good and (self.reader is None or self.reader.active_version < 0):
-                for it in good:
-                    it.error = InferenceError("no_weights", "no weight version published yet")
-                    it.request = None
-                self.counters["no_weights"] = self.counters.get("no_weights", 0) + len(good)
-                good = []
-            batch = self._stack(good)
+            batch = self._assemble(good)
             # The batch is copied out: give the credits (and slabs) back before computing.
             for it in items:
                 it.delivery.release()
@@ -600,20 +1089,40 @@ class InferenceNode(Node):
                     await self._refuse(it.delivery, it.error)
             if batch is None:
                 continue
-            images, proprio, ins = batch
             good = [it for it in good if it.request is not None]
             try:
                 with self.lanes.busy("inference"):
                     out, version, seconds = await loop.run_in_executor(
-                        self._pool, self._forward, images, proprio, ins
+                        self._pool, self._forward, batch
                     )
-            except DvlaError as exc:  # the pool went away under us (its writer died)
-                self.log.warning("forward pass failed, re-attaching the weight pool: %s", exc)
-                self._close_reader()
+            except InferenceError as exc:
+                self.counters["no_weights"] = self.counters.get("no_weights", 0) + len(good)
                 for it in good:
-                    await self._refuse(it.delivery, InferenceError("no_weights", str(exc)))
+                    await self._refuse(it.delivery, exc)
                 continue
+            finally:
+                self._publish_gauges()
             await self._answer(good, out, version, seconds)
+
+    def _assemble(self, good: list[_Item]) -> _Batch | None:
+        """The batch from the valid requests: into a device slab (vram mode), else stacked on
+        the host (a copy either way: the deliveries are released next)."""
+        batcher, actor = self.batcher, self.actor
+        reqs = [it.request for it in good if it.request is not None]
+        if batcher is not None and actor is not None and reqs:
+            filled = batcher.fill(reqs, actor.tokenizer)
+            if filled is not None:
+                slab, tensors = filled
+                if all(it.delivery.intact() for it in good):
+                    ins = [s for r in reqs for s in r.instructions]
+                    return _Batch(ins, slab=slab, tensors=tensors)
+                slab.release()  # a request's slab was reused while read: the slow path
+                batcher.fallbacks += 1
+        stacked = self._stack(good)
+        if stacked is None:
+            return None
+        images, proprio, ins = stacked
+        return _Batch(ins, images=images, proprio=proprio)
 
     @staticmethod
     def _stack(

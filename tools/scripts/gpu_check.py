@@ -19,9 +19,16 @@ numbers (exit status 1 if any fails):
 3. ``ipc``: a second process maps the slots through CUDA IPC (the export travels as MessagePack
    bytes), sees each flip, blocks the owner's staging while it pins (the owner's
    DeadlineExceeded names it), and writes into a buffer the owner exported (the owner sees it).
-4. ``slab_no_alloc``: 1000 acquire/fill/release cycles of a VRAM slab pool leave torch's
+4. ``replica``: the inference replica path (``[roles.inference] vram_from``) between two
+   processes over a real control hub: the owner joins advertising its slots' control segment
+   as ``endpoints["vram"]``; the replica (a :class:`~dvla_bus.vram.VramFollower`, as the
+   inference role runs it) finds it in the membership table, attaches through CUDA IPC, binds a
+   module to the slots and reads version 1, then the version the owner loads from its host
+   pool and flips; when the owner leaves (the hub's ``node_dead``) the replica detaches (how
+   fast is reported), and it attaches the slots of the owner's next incarnation.
+5. ``slab_no_alloc``: 1000 acquire/fill/release cycles of a VRAM slab pool leave torch's
    allocation counter unchanged (the same work with ``torch.empty`` does not).
-5. ``bench``: ``dvla bench vram`` (``--quick`` with ``--quick``), its JSON embedded.
+6. ``bench``: ``dvla bench vram`` (``--quick`` with ``--quick``), its JSON embedded.
 
 On the device machine (``device`` tool) the image has torch, numpy and psutil but not msgspec
 or pyzmq (``dvla_bus`` imports both). Here, once (the folder must be git-ignored, see
@@ -451,6 +458,234 @@ def check_ipc(run: str) -> dict[str, Any]:
     return out
 
 
+REPLICA_NODE = "inference.g.1"
+OWNER_NODE = "inference.g.0"
+
+
+def replica_child_main(endpoint: str, spec: str) -> int:
+    """The replica process (``--replica-child ENDPOINT SPEC``): joins the control hub, follows
+    :data:`OWNER_NODE`'s advertised slots with a :class:`~dvla_bus.vram.VramFollower`; one
+    command per stdin line, one answer line each (``attached SEGMENT``, ``read V VALUES``,
+    ``detached WHY``)."""
+    import asyncio
+
+    return asyncio.run(_replica_child(endpoint, spec))
+
+
+async def _replica_child(endpoint: str, spec: str) -> int:
+    import asyncio
+
+    import torch
+    from torch import nn
+
+    from dvla_bus import wire
+    from dvla_bus.control import JoinInfo, open_control_client
+    from dvla_bus.vram import VramFollower, VramReader, backend_from_spec
+
+    # On a GPU the follower maps each export on the export's own GPU (by UUID).
+    backend = None if spec in ("auto", "cuda") else backend_from_spec(spec)
+    follower = VramFollower(OWNER_NODE, backend=backend, host="g")
+
+    def on_message(msg: wire.Message) -> None:
+        if isinstance(msg, wire.Members):
+            follower.follow_members(msg.members)
+        elif isinstance(msg, wire.NodeDead):
+            follower.owner_gone(msg.node)
+
+    loop = asyncio.get_running_loop()
+    join = JoinInfo(node=REPLICA_NODE, role="inference", host="g", index=1)
+    module: nn.Module | None = None
+    bound: VramReader | None = None
+
+    async def until(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = check()
+            if got:
+                return got
+            if time.monotonic() > deadline:
+                raise AssertionError(f"replica: no {what} within {timeout}s ({follower.why})")
+            await asyncio.sleep(0.002)
+
+    def read(at_least: int) -> str:
+        nonlocal module, bound
+        reader = follower.maintain()
+        if reader is None or reader.active_version < at_least:
+            return ""
+        if bound is not reader:  # a new attachment: bind the module to its slots
+            (spec_,) = reader.manifest.tensors
+            module = nn.Module()
+            meta = torch.empty(spec_.shape, device="meta")
+            module.register_parameter(spec_.name, nn.Parameter(meta, requires_grad=False))
+            reader.bind(module)
+            bound = reader
+        assert module is not None
+        with reader.pin(timeout=30) as pin, torch.no_grad():
+            (param,) = module.parameters()  # re-pointed at the pinned slot by the pin
+            vals = sorted({float(x) for x in torch.aminmax(param)})
+            return f"read {pin.version} {vals}"
+
+    async with open_control_client(
+        endpoint, join, heartbeat_interval=0.2, heartbeat_timeout=3.0, on_message=on_message
+    ):
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            cmd, *arg = line.split() or ["quit"]
+            if cmd == "quit":
+                break
+            if cmd == "attached":  # attached to slots other than arg (if any)
+                old = arg[0] if arg else ""
+
+                def attached(old: str = old) -> str:
+                    r = follower.maintain()
+                    return r.export.segment if r is not None and r.export.segment != old else ""
+
+                print("attached", await until("attachment", attached), flush=True)
+            elif cmd == "read":
+                want = int(arg[0])
+
+                def version(want: int = want) -> str:
+                    return read(want)
+
+                print(await until(f"version {want}", version), flush=True)
+            elif cmd == "detached":
+                await until("detach", lambda: follower.maintain() is None)
+                bound = module = None  # drop the last views of the old slots
+                print("detached", follower.why, flush=True)
+    follower.close()
+    return 0
+
+
+def check_replica(run: str, spec: str, mib: int) -> dict[str, Any]:
+    import asyncio
+
+    return asyncio.run(_check_replica(run, spec, mib))
+
+
+async def _check_replica(run: str, spec: str, mib: int) -> dict[str, Any]:
+    import asyncio
+    import tempfile
+
+    from dvla_bus.control import HubConfig, JoinInfo, open_control_client, open_control_hub
+    from dvla_bus.vram import backend_from_spec, create_vram_weights, node_component
+    from dvla_bus.weights import Manifest, attach_weights, create_weight_pool
+
+    backend = backend_from_spec(spec)
+    manifest = Manifest.from_specs([("flat", "float32", ((mib << 20) // 4,))])
+    out: dict[str, Any] = {"backend": spec, "bytes": manifest.nbytes}
+    tmp = tempfile.mkdtemp(prefix="dvla-gc-", dir="/tmp")
+    endpoint = f"ipc://{tmp}/c.sock"
+    beat, silence = 0.2, 3.0  # heartbeat interval and timeout, seconds
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        __file__,
+        "--replica-child",
+        endpoint,
+        spec,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+
+    async def ask(line: str, timeout: float = 90.0) -> str:
+        assert child.stdin is not None
+        assert child.stdout is not None
+        child.stdin.write(line.encode() + b"\n")
+        await child.stdin.drain()
+        answer = await asyncio.wait_for(child.stdout.readline(), timeout)
+        if not answer:
+            raise AssertionError(f"replica exited {await child.wait()} after {line!r}")
+        return answer.decode().strip()
+
+    def load(vram: Any, version: int, pool: Any) -> None:
+        fill_host(pool, version)
+        deadline = time.monotonic() + 30
+        while vram.active_version < version:  # stage from the pinned host pool, then flip
+            vram.refresh()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"version {version} never became active")
+
+    try:
+        async with open_control_hub(HubConfig(endpoint, beat, silence)):
+            with (
+                create_weight_pool(
+                    run, "rhost", manifest, chunk_bytes=64 << 20, checksum="none"
+                ) as pool,
+                attach_weights(pool.name) as host,
+            ):
+                segments = []
+                for incarnation, first in ((1, 1), (2, 3)):
+                    # A restarted owner is another process; here the same one makes new
+                    # slots under another segment name.
+                    with create_vram_weights(
+                        manifest,
+                        backend=backend,
+                        run=run,
+                        node=node_component(OWNER_NODE),
+                        name=f"vram{incarnation}",
+                    ) as vram:
+                        vram.attach_host(host)
+                        load(vram, first, pool)
+                        segments.append(vram.segment)
+                        join = JoinInfo(
+                            node=OWNER_NODE,
+                            role="inference",
+                            host="g",
+                            index=0,
+                            endpoints={"vram": vram.segment},
+                        )
+                        async with open_control_client(
+                            endpoint, join, heartbeat_interval=beat, heartbeat_timeout=silence
+                        ):
+                            t0 = time.perf_counter()
+                            got = await ask(f"attached {segments[0] if incarnation > 1 else ''}")
+                            out[f"attach_s.{incarnation}"] = round(time.perf_counter() - t0, 3)
+                            if got != f"attached {vram.segment}":
+                                raise AssertionError(f"replica: {got!r}, owner: {vram.segment}")
+                            got = await ask(f"read {first}")
+                            if got != f"read {first} [{float(first)}]":
+                                raise AssertionError(f"replica read {got!r}, expected {first}")
+                            if vram.readers() != [child.pid]:
+                                raise AssertionError(f"owner's readers: {vram.readers()}")
+                            load(vram, first + 1, pool)  # the owner flips; the replica sees it
+                            got = await ask(f"read {first + 1}")
+                            if got != f"read {first + 1} [{float(first + 1)}]":
+                                raise AssertionError(f"replica read {got!r} after the flip")
+                            out[f"versions.{incarnation}"] = [first, first + 1]
+                            t0 = time.perf_counter()
+                        # Left: the hub's node_dead reaches the replica, which detaches.
+                        got = await ask("detached")
+                        if not got.startswith("detached"):
+                            raise AssertionError(f"replica: {got!r}")
+                        deadline = time.monotonic() + 10
+                        while vram.readers() and time.monotonic() < deadline:
+                            await asyncio.sleep(0.002)
+                        if vram.readers():
+                            raise AssertionError(f"still attached: {vram.readers()}")
+                        out[f"detach_s.{incarnation}"] = round(time.perf_counter() - t0, 3)
+                        out[f"detach_why.{incarnation}"] = got.split(" ", 1)[1]
+            if child.stdin is not None:  # the replica's cue to leave, while the hub listens
+                child.stdin.close()
+                await asyncio.wait_for(child.wait(), 30)
+    finally:
+        if child.returncode is None and child.stdin is not None:
+            child.stdin.close()
+            try:
+                await asyncio.wait_for(child.wait(), 30)
+            except TimeoutError:
+                child.kill()
+                await child.wait()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        close = getattr(backend, "close", None)
+        if callable(close):  # a test backend that owns segments
+            close()
+    out["replica_exit"] = child.returncode
+    if child.returncode != 0:
+        raise AssertionError(f"replica exited {child.returncode}")
+    return out
+
+
 def check_slab_no_alloc(dev: Dev) -> dict[str, Any]:
     import torch
 
@@ -535,11 +770,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bench", action="store_true", help="skip dvla bench vram")
     parser.add_argument("--versions", type=int, default=40, help="slot_flip: versions to load")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--replica-child", nargs=2, help=argparse.SUPPRESS)
+    # The backend of the replica check (dvla_bus.vram.backend_from_spec); with --cpu-smoke a
+    # fake of the CUDA calls (tests.test_vram:NodeFakeCuda) runs the check without a GPU.
+    parser.add_argument("--replica-backend", default="", help=argparse.SUPPRESS)
     # The checks' own code on the CPU, shrunk, without the CUDA-only steps (tests this script).
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child_main()
+    if args.replica_child:
+        return replica_child_main(*args.replica_child)
     ok, what = cuda_available()
     if args.cpu_smoke:
         ok, what = True, "cpu (smoke run of the script itself)"
@@ -568,7 +809,10 @@ def main(argv: list[str] | None = None) -> int:
         ("slot_flip", lambda: check_slot_flip(dev, run, 8 if small else args.versions)),
         ("slab_no_alloc", lambda: check_slab_no_alloc(dev)),
     ]
-    if not args.cpu_smoke:  # CUDA IPC needs CUDA
+    replica = args.replica_backend or ("" if args.cpu_smoke else "cuda")
+    if replica:  # CUDA IPC needs CUDA (or its fake)
+        checks.insert(2, ("replica", lambda: check_replica(run, replica, 1 if small else 64)))
+    if not args.cpu_smoke:
         checks.insert(2, ("ipc", lambda: check_ipc(run)))
     with tempfile.TemporaryDirectory(prefix="dvla-gpu-") as tmp:
         if not args.no_bench:

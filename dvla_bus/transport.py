@@ -817,6 +817,10 @@ class Outbox:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._credit.wait(), remaining)
 
+    def credit(self) -> int:
+        """Messages that may be sent now without waiting (credit over the ready inboxes)."""
+        return sum(p.credits for p in self._peers if p.ready and p.credits > 0)
+
     async def wait_credit(self, timeout: float) -> bool:
         """Wait (up to ``timeout`` seconds) until some inbox has credit for one message, without
         spending it; True when there is credit. A producer whose data ages (rollouts carry a

@@ -130,7 +130,10 @@ max_version_lag = 1
 
 
 def test_learner_and_sampler_train_as_separate_processes(short_tmp: Path) -> None:
-    topo = _pipeline_topology(short_tmp, "minutes = 0.4\neval_every = 3")
+    # The sampler rolls out two groups together (one policy batch) and sends each on its own.
+    topo = _pipeline_topology(
+        short_tmp, "minutes = 0.4\neval_every = 3\n[roles.sampler]\nrollout_groups = 2"
+    )
     up = spawn(
         ["up", str(topo), "--run-dir", str(short_tmp), "--status-every", "0"], short_tmp / "up.out"
     )
@@ -146,6 +149,7 @@ def test_learner_and_sampler_train_as_separate_processes(short_tmp: Path) -> Non
     assert len(train) >= 2, records
     assert train[-1]["version"] > train[0]["version"] >= 2
     assert all(r["lag_max"] <= 1 for r in train)  # admitted groups respect the staleness bound
+    assert all(r["groups"] == 1 for r in train)  # groups_per_iter = 1: one group per message
     assert records[-1]["kind"] == "final"
     evals = [r for r in records if r["kind"] == "eval"]
     assert evals
@@ -259,6 +263,10 @@ def test_up_rejects_bad_overrides_and_resume_without_checkpoint(short_tmp: Path)
     assert wrong.returncode == 2
     assert "roles.learner" in wrong.stderr
     assert "group_size=1" in wrong.stderr
+    rollout = dvla("up", str(topo), "--set", "sampler.rollout_groups=0")
+    assert rollout.returncode == 2
+    assert "roles.sampler" in rollout.stderr
+    assert "rollout_groups=0" in rollout.stderr
 
 
 def test_parse_overrides_reads_toml_values() -> None:

@@ -566,6 +566,11 @@ class SamplerNode(Node):
             raise ConfigError(f"inference={mode!r}: expected one of {', '.join(INFERENCE_MODES)}")
         if float(settings.get("inference_deadline_s", 30.0)) <= 0:
             raise ConfigError("inference_deadline_s must be > 0")
+        rollout_groups = settings.get("rollout_groups", 1)
+        if not isinstance(rollout_groups, int) or isinstance(rollout_groups, bool):
+            raise ConfigError(f"rollout_groups={rollout_groups!r}: an integer >= 1")
+        if rollout_groups < 1:
+            raise ConfigError(f"rollout_groups={rollout_groups}: must be >= 1")
         refuse_suite_keys("sampler", settings, allowed=("suite_python",))
 
     async def setup(self) -> None:
@@ -575,16 +580,22 @@ class SamplerNode(Node):
         self.train = train_config({**learner_settings, **cfg.settings})
         self.suite = job_suite(self.train, learner_settings, cfg.settings)
         torch.set_num_threads(1)
-        # The embedded suite: one worker process, as always. Another suite's environments are
-        # heavier (LIBERO ~10 steps/s each): up to env_workers processes step them in parallel.
-        workers = (
-            1
-            if self.suite.name == "embedded"
-            else min(self.train.env_workers, self.train.group_size)
+        # Groups rolled out together (one batch of inference over all their environments, as
+        # the serial trainer does with an iteration's groups): the embedded suite's cheap
+        # environments default to up to 4 groups; another suite's (LIBERO ~1 GiB and ~10
+        # steps/s each) to one. Up to env_workers processes step them, so one shard steps
+        # while the policy acts for the other.
+        self.rollout_groups = int(
+            cfg.settings.get(
+                "rollout_groups",
+                min(4, self.train.groups_per_iter) if self.suite.name == "embedded" else 1,
+            )
         )
+        num_envs = self.rollout_groups * self.train.group_size
+        workers = max(1, min(self.train.env_workers, num_envs))
         self._stop_rollouts = threading.Event()
         self.envs: JobShards = await enter_in_thread(
-            self.resources, open_job_shards(self.train, self.suite, self.train.group_size, workers)
+            self.resources, open_job_shards(self.train, self.suite, num_envs, workers)
         )
         spec = self.envs.spec
         if spec.suite != "embedded":
@@ -624,9 +635,7 @@ class SamplerNode(Node):
                     host=cfg.host,
                     run=cfg.run_id,
                     deadline_s=float(cfg.settings.get("inference_deadline_s", 30.0)),
-                    slab_size=request_bytes(
-                        self.train.group_size, self.train.image_size, spec.proprio_dim
-                    ),
+                    slab_size=request_bytes(num_envs, self.train.image_size, spec.proprio_dim),
                     credentials=cfg.data_credentials,
                 )
             )
@@ -719,15 +728,22 @@ class SamplerNode(Node):
             if not await self.outbox.wait_credit(1.0):
                 continue
             self._refresh_weights()
+            # As many groups as the learner has room for (up to rollout_groups) roll out
+            # together: one policy batch over all their environments.
+            count = max(1, min(self.rollout_groups, self.outbox.credit()))
             # Tasks whose groups are most likely to differ in outcome are sampled most,
             # as in the serial trainer: sqrt(p (1 - p)) + task_floor.
             weights = np.array(
                 [np.sqrt(recent[x] * (1.0 - recent[x])) + t.task_floor for x in t.tasks]
             )
-            task = t.tasks[int(rng.choice(len(t.tasks), p=weights / weights.sum()))]
-            groups += 1
-            seed = training_seed(t.seed, self.config.index, groups)
-            assignments = [Assignment(task, seed, 0)] * t.group_size
+            tasks: list[str] = []
+            assignments: list[Assignment] = []
+            for g in range(count):
+                task = t.tasks[int(rng.choice(len(t.tasks), p=weights / weights.sum()))]
+                groups += 1
+                seed = training_seed(t.seed, self.config.index, groups)
+                tasks.append(task)
+                assignments += [Assignment(task, seed, g)] * t.group_size
             version = self.version
 
             served: list[int] = []  # versions the inference nodes used (remote mode)
@@ -762,20 +778,24 @@ class SamplerNode(Node):
                 )
             except DeadlineExceeded as exc:  # an inference node died or is restarting
                 self.counters["inference_timeouts"] = self.counters.get("inference_timeouts", 0) + 1
-                self.log.warning("group abandoned: %s", exc)
+                self.log.warning("groups abandoned: %s", exc)
                 continue
             if served:
-                # Remote inference may switch versions mid-group: the group counts as the
-                # oldest version that acted in it (the learner's staleness bound stays
+                # Remote inference may switch versions mid-rollout: the groups count as the
+                # oldest version that acted in them (the learner's staleness bound stays
                 # conservative; the recorded behaviour log-probs stay exact).
                 if min(served) != max(served):
                     self.counters["mixed_version_groups"] = (
-                        self.counters.get("mixed_version_groups", 0) + 1
+                        self.counters.get("mixed_version_groups", 0) + count
                     )
                 eps = dataclasses.replace(eps, version=np.full_like(eps.version, min(served)))
             self.gauges["env_steps_per_s"] = eps.num_steps / max(1e-9, time.perf_counter() - t_roll)
-            meta, arrays = episodes_to_arrays(eps)
-            await self.outbox.send(meta, arrays, topic=TOPIC, timeout=120)
-            self.counters["groups_sent"] = self.counters.get("groups_sent", 0) + 1
             self.gauges["success"] = float(eps.success.mean())
-            recent[task] = 0.7 * recent[task] + 0.3 * float(eps.success.mean())
+            for g, task in enumerate(tasks):  # one message per GRPO group
+                part = eps.select(eps.group == g) if count > 1 else eps
+                if count > 1:
+                    part = dataclasses.replace(part, group=np.zeros_like(part.group))
+                meta, arrays = episodes_to_arrays(part)
+                await self.outbox.send(meta, arrays, topic=TOPIC, timeout=120)
+                self.counters["groups_sent"] = self.counters.get("groups_sent", 0) + 1
+                recent[task] = 0.7 * recent[task] + 0.3 * float(part.success.mean())

@@ -33,7 +33,6 @@ from dvla_nodes.inference import (
     RemoteAct,
     RemotePolicy,
     SlabBatcher,
-    _act_on_device,
     open_remote_policy,
 )
 from dvla_nodes.policy import build_policy
@@ -131,12 +130,11 @@ def test_slab_batches_allocate_nothing_and_act_like_the_policy(staged: bool) -> 
         assert torch.equal(tensors["images"], torch.from_numpy(images))
         assert torch.equal(tensors["proprio"], torch.from_numpy(proprio))
         assert torch.equal(tensors["ids"], torch.from_numpy(tok.encode_batch(ins)))
-        got = _act_on_device(
-            actor,
+        got = actor.act_tensors(
             tensors["images"],
             tensors["proprio"],
             tensors["ids"],
-            torch.Generator().manual_seed(9),
+            generator=torch.Generator().manual_seed(9),
         )
         want = actor.act(images, proprio, ins, generator=torch.Generator().manual_seed(9))
         np.testing.assert_array_equal(got.tokens, want.tokens)

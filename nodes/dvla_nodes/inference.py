@@ -131,8 +131,7 @@ from dvla_nodes.learn.suite import (
 )
 from dvla_nodes.pipeline import train_config
 from dvla_nodes.policy import build_policy
-from dvla_nodes.policy.act import ActOutput, PolicyActor, token_log_probs
-from dvla_nodes.policy.actions import tokens_to_actions
+from dvla_nodes.policy.act import ActOutput, PolicyActor
 from dvla_nodes.policy.flat import FlatLayout, bind, flatten
 from dvla_nodes.policy.model import VLAPolicy
 from dvla_nodes.policy.tokenizer import Tokenizer
@@ -510,33 +509,6 @@ class SlabBatcher:
 
 
 @torch.inference_mode()
-def _act_on_device(
-    actor: PolicyActor,
-    images: torch.Tensor,
-    proprio: torch.Tensor,
-    ids: torch.Tensor,
-    generator: torch.Generator,
-) -> ActOutput:
-    """:meth:`PolicyActor.act` on inputs already on the parameters' device (a slab's views):
-    the same forward pass and the same host-side sampling, without moving the inputs."""
-    model = actor.model
-    was_training = model.training
-    model.eval()
-    logits = model(images, proprio, ids)
-    model.train(was_training)
-    logp_all = token_log_probs(logits, actor.temperature).float().cpu()  # (B, A, bins)
-    b, a, k = logp_all.shape
-    tokens = torch.multinomial(logp_all.exp().reshape(b * a, k), 1, generator=generator)
-    tokens = tokens.reshape(b, a)
-    logp = logp_all.gather(-1, tokens[..., None])[..., 0]
-    tok = tokens.numpy()
-    return ActOutput(
-        actions=tokens_to_actions(tok, logits.shape[-1]),
-        tokens=tok.astype(np.int64),
-        logp=logp.numpy().astype(np.float32),
-    )
-
-
 def _buffers_to(model: torch.nn.Module, device: torch.device) -> None:
     """Move ``model``'s buffers (not its parameters, which the weight slots provide) to
     ``device``: a few small allocations, once."""
@@ -941,7 +913,7 @@ class InferenceNode(Node):
         t0 = time.perf_counter()
         if batch.tensors is not None:
             t = batch.tensors
-            out = _act_on_device(actor, t["images"], t["proprio"], t["ids"], self.gen)
+            out = actor.act_tensors(t["images"], t["proprio"], t["ids"], generator=self.gen)
         else:
             assert batch.images is not None
             assert batch.proprio is not None

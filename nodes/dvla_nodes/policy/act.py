@@ -51,16 +51,32 @@ class PolicyActor:
             ids = instructions
         else:
             ids = self.tokenizer.encode_batch(list(instructions))
-        was_training = self.model.training
-        self.model.eval()
-        # Device-agnostic: inputs go where the parameters are (e.g. VRAM weight slots);
-        # sampling happens on the host, so a CPU generator keeps runs reproducible.
+        # Device-agnostic: inputs go where the parameters are (e.g. VRAM weight slots).
         device = next(self.model.parameters()).device
-        logits = self.model(
+        return self.act_tensors(
             torch.from_numpy(np.ascontiguousarray(images)).to(device),
             torch.from_numpy(np.ascontiguousarray(proprio, dtype=np.float32)).to(device),
             torch.from_numpy(ids).to(device),
+            greedy=greedy,
+            generator=generator,
         )
+
+    @torch.inference_mode()
+    def act_tensors(
+        self,
+        images: torch.Tensor,
+        proprio: torch.Tensor,
+        ids: torch.Tensor,
+        *,
+        greedy: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> ActOutput:
+        """:meth:`act` on tensors already on the parameters' device (e.g. a device slab's
+        views): the forward pass there, the sampling on the host, so a CPU generator keeps runs
+        reproducible."""
+        was_training = self.model.training
+        self.model.eval()
+        logits = self.model(images, proprio, ids)
         self.model.train(was_training)
         logp_all = token_log_probs(logits, self.temperature).float().cpu()  # (B, A, bins)
         if greedy:

@@ -935,6 +935,7 @@ def test_gpu_check_skips_cleanly_without_cuda_and_its_code_runs_on_cpu(
         "slot_flip",
         "replica",
         "slab_no_alloc",
+        "learner",
         "bench",
     }
     assert doc["checks"]["slot_flip"]["flips"] == 8

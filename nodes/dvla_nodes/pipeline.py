@@ -261,14 +261,15 @@ class LearnerNode(Node):
         if spec.suite != "embedded":  # MT10 -> its ten tasks: what samplers and evals use
             self.train = self.train.replace(tasks=spec.tasks)
         model, tok = build_suite_policy(self.train, spec)
-        self.learner = Learner(model, tok, self.train)
+        self.learner = Learner(model, tok, self.train)  # on [roles.learner] device
+        self.resources.callback(self.learner.close)
         self.actor = PolicyActor(model, tok, self.train.temperature)
         # Groups queued here age while the learner updates: a window of about one update's
         # worth (2-4 groups per sampler) keeps them within the staleness bound instead of
         # sampling groups only to drop them (dvla bench pipeline saw 18-22 % dropped with 4
         # groups queued per sampler and 2 per update); with less credit samplers wait instead.
         self.inbox = await self.open_inbox(window=max(2, min(4, self.train.groups_per_iter)))
-        flat = self.learner.flat.detach().numpy()
+        flat = self.learner.host_flat()
         self.pool = self.resources.enter_context(
             create_weight_pool(cfg.run_id, "learner", Manifest.from_arrays({"flat": flat}))
         )
@@ -293,9 +294,7 @@ class LearnerNode(Node):
 
     def _publish(self) -> None:
         with self.lanes.busy("distribution"):
-            digest = self.pool.publish(
-                self.learner.version, {"flat": self.learner.flat.detach().numpy()}
-            )
+            digest = self.pool.publish(self.learner.version, {"flat": self.learner.host_flat()})
         self._digest = digest
 
     def _restore(self) -> Checkpoint | None:

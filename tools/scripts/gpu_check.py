@@ -28,17 +28,25 @@ numbers (exit status 1 if any fails):
    fast is reported), and it attaches the slots of the owner's next incarnation.
 5. ``slab_no_alloc``: 1000 acquire/fill/release cycles of a VRAM slab pool leave torch's
    allocation counter unchanged (the same work with ``torch.empty`` does not).
-6. ``bench``: ``dvla bench vram`` (``--quick`` with ``--quick``), its JSON embedded.
+6. ``learner``: the GRPO learner with ``device = "cuda"`` (its minibatch inputs in VRAM slabs,
+   staged through page-locked host memory): updates on synthetic episodes of varying size,
+   torch's peak reserved and allocated bytes, and that reserved stops growing once every
+   padded minibatch shape has been seen; then one update on the CPU and one on the GPU from the
+   same initial weights (TF32 off) agree within float tolerance.
+7. ``bench``: ``dvla bench vram`` (``--quick`` with ``--quick``), its JSON embedded.
 
-On the device machine (``device`` tool) the image has torch, numpy and psutil but not msgspec
-or pyzmq (``dvla_bus`` imports both). Here, once (the folder must be git-ignored, see
+On the device machine (``device`` tool) the image has torch, numpy, psutil and safetensors
+but not msgspec or pyzmq (``dvla_bus`` imports both) nor mujoco and gymnasium (``dvla_nodes``
+imports them for the ``learner`` check, which renders nothing: MuJoCo without PyOpenGL and
+glfw imports fine; 10 MB of wheels). Here, once (the folder must be git-ignored, see
 /work/.library/device/README.md)::
 
     echo /.whl/ >> .git/info/exclude
     P="--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
     P="$P --platform manylinux_2_26_x86_64 --platform manylinux_2_28_x86_64"
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
-        --implementation cp $P -d .whl msgspec pyzmq
+        --implementation cp $P -d .whl msgspec pyzmq mujoco mujoco-core gymnasium \\
+        farama-notifications
 
 then one ``run`` with ``carry: [".whl"]`` and ``timeout_s`` 600 (the checks plus the benchmark
 take a few minutes)::
@@ -739,6 +747,178 @@ def check_slab_no_alloc(dev: Dev) -> dict[str, Any]:
     return {"pooled_allocations": pooled, "naive_allocations_100": naive}
 
 
+def synthetic_episodes(seed: int, lengths: list[int], image: int, bins: int) -> Any:
+    """Complete episodes with random observations, tokens and behaviour log-probs, in groups
+    of 4 with random shaping (so every group carries signal): the learner's input without
+    simulators."""
+    import numpy as np
+
+    from dvla_nodes.envs.tasks import TASK_NAMES, TASKS
+    from dvla_nodes.learn import Episodes
+
+    rng = np.random.default_rng(seed)
+    n, steps = len(lengths), int(sum(lengths))
+    names = [TASK_NAMES[int(i)] for i in rng.integers(0, len(TASK_NAMES), n)]
+    return Episodes(
+        images=rng.integers(0, 256, (steps, image, image, 3), dtype=np.uint8),
+        proprio=rng.normal(size=(steps, 7)).astype(np.float32),
+        state=rng.normal(size=(steps, 10)).astype(np.float32),
+        tokens=rng.integers(0, bins, (steps, 4)).astype(np.int64),
+        logp=(np.log(1.0 / bins) + 0.3 * rng.normal(size=(steps, 4))).astype(np.float32),
+        episode=np.repeat(np.arange(n, dtype=np.int32), lengths),
+        tasks=tuple(names),
+        seeds=np.arange(n, dtype=np.int64),
+        instructions=tuple(TASKS[t].instructions[0] for t in names),
+        success=rng.random(n) < 0.5,
+        length=np.array(lengths, np.int64),
+        shaping=rng.normal(size=n).astype(np.float32),
+        version=np.zeros(n, np.int64),
+        group=np.arange(n, dtype=np.int64) // 4,
+    )
+
+
+def check_learner(dev: Dev) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from dvla_nodes.learn import Learner, TrainConfig
+    from dvla_nodes.policy import build_policy
+
+    smoke = dev.smoke
+    device = "cpu" if smoke else str(dev.device)
+    size, image, bins = ("tiny", 32, 32) if smoke else ("small", 64, 256)
+    cfg = TrainConfig(
+        seed=3,
+        device=device,
+        policy_size=size,
+        image_size=image,
+        bins=bins,
+        minibatch=64 if smoke else 512,
+        minibatch_bucket=32 if smoke else 64,
+        rl_bc_batch=16 if smoke else 128,
+        max_version_lag=1 << 30,
+    )
+    bucket, mb = cfg.minibatch_bucket, cfg.minibatch
+    rng = np.random.default_rng(0)
+
+    def batch(seed: int, steps: int) -> Any:
+        """Eight episodes (two groups) of ``steps`` steps in all."""
+        cuts = np.sort(rng.choice(np.arange(1, steps), 7, replace=False))
+        lengths = [int(x) for x in np.diff([0, *cuts, steps])]
+        return synthetic_episodes(seed, lengths, image, bins)
+
+    def make(on: str, slabs: bool = True) -> Learner:
+        model, tok = build_policy(size, image, bins, cfg.seed)
+        return Learner(model, tok, cfg.replace(device=on), slabs=slabs)
+
+    def stat(name: str) -> int:
+        if smoke:
+            return -1
+        torch.cuda.synchronize()
+        return int(torch.cuda.memory_stats().get(name, 0))
+
+    out: dict[str, Any] = {"device": device, "policy": size, "image": image}
+    demos = synthetic_episodes(99, [10 if smoke else 40] * 8, image, bins)
+    if not smoke:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    learner = make(device)
+    learner.set_anchor(demos)
+    out["parameters"] = learner.layout.num_params
+    # Warm-up: one batch per padded minibatch shape (a single minibatch of about k buckets),
+    # then batches of several minibatches; after that, reserved memory must stay put.
+    warm = [k * bucket - bucket // 2 for k in range(1, mb // bucket + 1)] + [2 * mb, 3 * mb]
+    steady = [int(x) for x in rng.integers(bucket // 2, 3 * mb, 2 if smoke else 16)]
+    reserved: list[int] = []
+    seconds: list[float] = []
+    steps_seen: list[int] = []
+    for i, steps in enumerate(warm + steady):
+        eps = batch(i, steps)
+        t0 = time.perf_counter()
+        up = learner.update(eps)
+        seconds.append(time.perf_counter() - t0)
+        steps_seen.append(up.steps)
+        reserved.append(stat("reserved_bytes.all.current"))
+    st = learner.statistics()
+    host_a = learner.host_flat()
+    host_b = learner.host_flat()
+    same_host = host_a.ctypes.data == host_b.ctypes.data
+    flat_ok = bool(np.array_equal(host_b, learner.flat.detach().cpu().numpy()))
+    learner.close()
+    out.update(
+        updates=len(reserved),
+        steps_per_update=[min(steps_seen), max(steps_seen)],
+        update_ms_median=round(1e3 * sorted(seconds[len(warm) :])[len(steady) // 2], 2),
+        staging=st.staging,
+        slab_rows=st.slab_rows,
+        slab_mib=round(st.slab_bytes / 2**20, 2),
+        slab_acquires=st.acquires,
+        slab_fallbacks=st.fallbacks,
+        slab_allocations=st.allocations,
+        host_flat_reused=same_host,
+    )
+    if not flat_ok:
+        raise AssertionError("host_flat() differs from the device's flat buffer")
+    if st.fallbacks or st.allocations != 1 or st.backpressure:
+        raise AssertionError(f"slabs: {st}")
+    if not smoke:
+        growth = reserved[-1] - reserved[len(warm) - 1]
+        out.update(
+            max_memory_reserved_mib=round(torch.cuda.max_memory_reserved() / 2**20, 1),
+            max_memory_allocated_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1),
+            reserved_mib_per_update=[round(r / 2**20, 1) for r in reserved],
+            reserved_growth_after_warmup_bytes=growth,
+            reserved_stable=growth == 0,
+        )
+        if st.staging != "pinned":
+            raise AssertionError(f"minibatch staging is {st.staging}")
+        if not same_host:
+            raise AssertionError("host_flat() allocated a new host buffer")
+        if growth > (2 << 20) + reserved[len(warm) - 1] // 50:
+            raise AssertionError(f"reserved grew by {growth} B after the warm-up")
+    # One update from the same weights on the CPU and on the device (on the CPU smoke run:
+    # the ordinary path against the slabs), full float32 precision on the GPU.
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        eps = batch(1000, 100 if smoke else 700)
+        results = []
+        for on, slabs in (("cpu", not smoke), (device, True)):
+            lrn = make(on, slabs)
+            lrn.set_anchor(demos)
+            start = lrn.flat.detach().cpu().clone()
+            rows = np.arange(min(64, eps.num_steps))
+            with torch.no_grad():
+                logits = lrn.model(*lrn._tensors(eps, rows)).cpu()
+            up = lrn.update(eps)
+            results.append((start, logits, up.loss, lrn.flat.detach().cpu().clone()))
+            lrn.close()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    (start, logits_a, loss_a, flat_a), (start_b, logits_b, loss_b, flat_b) = results
+    if not torch.equal(start, start_b):
+        raise AssertionError("the two learners started from different weights")
+    moved = float((flat_a - start).abs().mean())
+    diff = (flat_a - flat_b).abs()
+    out.update(
+        logits_max_abs_diff=float((logits_a - logits_b).abs().max()),
+        loss_cpu=loss_a,
+        loss_device=loss_b,
+        params_mean_abs_diff_over_mean_step=float(diff.mean()) / moved,
+        params_max_abs_diff=float(diff.max()),
+        lr=cfg.lr,
+    )
+    if out["logits_max_abs_diff"] > 1e-3:
+        raise AssertionError(f"logits differ by {out['logits_max_abs_diff']}")
+    if abs(loss_a - loss_b) > 1e-3 * max(1.0, abs(loss_a)):
+        raise AssertionError(f"loss {loss_a} on the CPU, {loss_b} on {device}")
+    # Adam's first step is about lr * sign(gradient): a parameter whose gradient is ~0 may
+    # step the other way (2 lr apart); the rest must agree.
+    if out["params_mean_abs_diff_over_mean_step"] > 0.05 or diff.max() > 2.5 * cfg.lr:
+        raise AssertionError(f"updated parameters differ: {out}")
+    return out
+
+
 def run_bench(dev: Dev, quick: bool, tmp: Path) -> dict[str, Any]:
     from dvla_tools.bench.vram import _main
 
@@ -808,6 +988,7 @@ def main(argv: list[str] | None = None) -> int:
         ("pinned_staging", lambda: check_pinned_staging(dev, run, 8 if small else 1024)),
         ("slot_flip", lambda: check_slot_flip(dev, run, 8 if small else args.versions)),
         ("slab_no_alloc", lambda: check_slab_no_alloc(dev)),
+        ("learner", lambda: check_learner(dev)),
     ]
     replica = args.replica_backend or ("" if args.cpu_smoke else "cuda")
     if replica:  # CUDA IPC needs CUDA (or its fake)

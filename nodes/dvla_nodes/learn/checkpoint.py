@@ -69,7 +69,7 @@ def optimizer_moments(
         for e in layout.entries:
             st = optimizer.state.get(params[e.name], {})
             if key in st:
-                buf[e.offset : e.offset + e.numel] = st[key].detach().reshape(-1).numpy()
+                buf[e.offset : e.offset + e.numel] = st[key].detach().reshape(-1).cpu().numpy()
                 found = True
         if found:
             out[key] = buf
@@ -94,7 +94,9 @@ def restore_moments(
         optimizer.state[p] = {
             "step": torch.tensor(step),
             **{
-                k: torch.from_numpy(moments[k][e.offset : e.offset + e.numel].copy()).view(e.shape)
+                k: torch.from_numpy(moments[k][e.offset : e.offset + e.numel].copy())
+                .view(e.shape)
+                .to(p.device)
                 for k in ("exp_avg", "exp_avg_sq")
             },
         }

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
 from dvla_bus.errors import ConfigError
 from dvla_nodes.envs.suites._interface import SUITES
 from dvla_nodes.envs.tasks import TASK_NAMES
+
+_DEVICE_RE = re.compile(r"cpu|auto|cuda(?::[0-9]{1,3})?")
+"""The forms of :attr:`TrainConfig.device`."""
 
 EVAL_SEED_BASE = 1_000_000  # held-out evaluation seeds start here; training seeds stay below
 DEMO_SEED_BASE = 500_000
@@ -29,6 +33,10 @@ class TrainConfig:
     policy_stem: str = "patch"
     bins: int = 256
     torch_threads: int = 2
+    # Where the learner trains: "cpu", "cuda" (the current GPU), "cuda:N", or "auto" (CUDA when
+    # available, else the CPU). The model, its flat parameter buffer, the optimiser state and the
+    # minibatch slabs live there; published weights and checkpoints are copied to the host.
+    device: str = "cpu"
     # Environment processes (0 = step environments in this process). Each holds an equal share.
     env_workers: int = 2
 
@@ -97,6 +105,10 @@ class TrainConfig:
                 raise ConfigError(f"tasks {bad}: unknown; the suite has {', '.join(TASK_NAMES)}")
         elif not self.tasks:
             raise ConfigError(f"suite = {self.suite!r} needs suite_tasks (the job's tasks)")
+        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
+            raise ConfigError(
+                f"device = {self.device!r}: expected 'cpu', 'cuda', 'cuda:N' or 'auto'"
+            )
         if self.minibatch_bucket < 0:
             raise ConfigError(f"minibatch_bucket={self.minibatch_bucket}: must be >= 0")
         if self.group_size < 2:

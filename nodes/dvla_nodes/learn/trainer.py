@@ -148,7 +148,7 @@ def checkpoint_learner(
     return save_checkpoint(
         run_dir,
         name,
-        learner.flat,
+        learner.host_flat(),
         layout=learner.layout,
         meta={
             "version": learner.version,
@@ -333,6 +333,7 @@ class SerialTrainer:
                 )
         finally:
             log.close()
+            learner.close()
         plot_success(
             read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "success.png", cfg.name
         )

@@ -27,6 +27,7 @@ from dvla_bus.topology import (
     parse_size,
     parse_topology,
 )
+from dvla_nodes.inference import InferenceNode
 from dvla_nodes.roles import known_roles
 from dvla_tools.cli import main as cli_main
 from tests.helpers import REPO, dvla
@@ -544,15 +545,23 @@ def test_readme_examples_are_valid() -> None:
     """The schema reference in topologies/README.md parses (docs do not rot)."""
     text = (REPO / "topologies" / "README.md").read_text()
     blocks = re.findall(r"```toml\n(.*?)```", text, re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     full = parse_topology(tomllib.loads(blocks[0]), "README.md", known_roles())
     assert full.links.host_latency_s == 50e-6
     head = 'schema = 1\nname = "x"\n[control]\nendpoint = "tcp://a:1"\n'
     head += '[[hosts]]\nname = "root"\nrack = "r1"\nroles = { coordinator = 1 }\n'
     templated = parse_topology(tomllib.loads(head + blocks[1]), "README.md", known_roles())
     assert len(templated.hosts) == 1 + 63 * 64
+    # The VRAM replica example: a GPU host of inference nodes sharing one node's slots.
+    gpu_head = (
+        'schema = 1\nname = "x"\n[security]\ninsecure = true\n[control]\nendpoint = "tcp://c:1"\n'
+    )
+    gpu_head += '[[hosts]]\nname = "c"\nroles = { coordinator = 1 }\n'
+    gpu = parse_topology(tomllib.loads(gpu_head + blocks[2]), "README.md", known_roles())
+    assert gpu.settings("inference")["vram_from"] == "inference.{host}.0"
+    InferenceNode.check_settings(gpu.settings("inference"))
     one_host = 'schema = 1\nname = "x"\n[[hosts]]\nname = "h"\nroles = { coordinator = 1 }\n'
-    secured = parse_topology(tomllib.loads(one_host + blocks[2]), "README.md", known_roles())
+    secured = parse_topology(tomllib.loads(one_host + blocks[3]), "README.md", known_roles())
     assert secured.security.keys is not None
     assert secured.security.keys.endswith("keys/prod")
 

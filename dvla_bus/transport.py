@@ -605,6 +605,7 @@ class _Peer:
     credits: int = 0
     host: str = ""
     ready: bool = False
+    hello_pending: bool = False  # a Hello is unanswered: a reset must not send a second one
     in_flight: dict[int, SlabHandle] = field(default_factory=dict)  # slab index -> handle
 
 
@@ -673,7 +674,7 @@ class Outbox:
         sock.copy_threshold = COPY_THRESHOLD
         peer = _Peer(endpoint, Channel(sock, self.name))
         self._peers.append(peer)
-        await peer.channel.send(wire.Hello(host=self.host), "hello")
+        await self._hello(peer)
         self._tasks.append(asyncio.create_task(self._listen(peer)))
         self._tasks.append(asyncio.create_task(self._watch_connects(peer)))
 
@@ -696,7 +697,11 @@ class Outbox:
                 continue
             self.reconnects += 1
             self._reset(peer)
-            await peer.channel.send(wire.Hello(host=self.host), "hello")
+            await self._hello(peer)  # on a new connection: an earlier Hello may have been lost
+
+    async def _hello(self, peer: _Peer) -> None:
+        peer.hello_pending = True
+        await peer.channel.send(wire.Hello(host=self.host), "hello")
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         """Wait until every connected inbox has answered (granted credit)."""
@@ -724,12 +729,18 @@ class Outbox:
         match msg:
             case wire.Credit() if msg.reset:
                 self._reset(peer)
-                await peer.channel.send(wire.Hello(host=self.host), "hello")
+                # One Hello at a time: if one is already on its way (the reconnection sent it),
+                # its answer brings the window; a second would be granted a second window.
+                if not peer.hello_pending:
+                    await self._hello(peer)
             case wire.Credit():
-                if msg.host:
+                if msg.host:  # the answer to a Hello: the whole window, not an increment
                     peer.host = msg.host
                     peer.ready = True
-                peer.credits += msg.grant
+                    peer.hello_pending = False
+                    peer.credits = msg.grant
+                else:
+                    peer.credits += msg.grant
                 for index, generation in msg.released:
                     handle = peer.in_flight.pop(index, None)
                     if handle is None or handle.generation != generation or self.pool is None:
@@ -863,7 +874,11 @@ class Outbox:
             nbytes = _layout_bytes(entry.arrays)
             if nbytes <= self.pool.slab_size:
                 remaining = max(0.0, deadline - time.monotonic())
-                entry.handle = await self.pool.acquire_async(remaining)
+                try:
+                    entry.handle = await self.pool.acquire_async(remaining)
+                except DeadlineExceeded:
+                    peer.credits += 1  # nothing was sent: the credit is still ours
+                    raise
         return await self._dispatch(peer, entry)
 
     def _shm_reaches(self, peer: _Peer) -> bool:

@@ -223,6 +223,33 @@ async def test_a_restarted_inbox_gets_a_fresh_start_even_without_credit(short_tm
             assert outbox.counters()["tx.reconnects"] == 1
 
 
+async def test_a_restart_with_credit_left_still_grants_one_window(short_tmp: Path) -> None:
+    # The sender still had credit when the inbox died and sent into the gap: the new inbox
+    # answers that message with a reset while the reconnection's Hello is on its way. The
+    # sender must end up with one window, not one per Hello (the extra would be refused).
+    endpoint = f"ipc://{short_tmp}/in.sock"
+    async with (
+        open_context() as ctx,
+        open_outbox(ctx, name="out", host="a", run="t", slab_size=MiB, slabs=4) as outbox,
+    ):
+        async with open_inbox(ctx, name="in", host="a", bind=[endpoint], window=2):
+            await outbox.connect(endpoint)
+            await outbox.wait_ready()
+        await outbox.send({"i": 0}, {"x": np.zeros(8)}, timeout=5)  # into the gap
+        async with open_inbox(ctx, name="in", host="a", bind=[endpoint], window=2) as second:
+            await _until(lambda: outbox.reconnects == 1 and outbox.credit() > 0)
+            await asyncio.sleep(0.3)  # every answer in
+            assert outbox.credit() == 2
+            for i in (1, 2):
+                await outbox.send({"i": i}, {"x": np.zeros(8)}, timeout=5)
+            got = [await second.recv(timeout=5) for _ in range(2)]
+            assert [d.meta["i"] for d in got] == [1, 2]
+            assert not await outbox.wait_credit(0.2)  # both credits are in flight
+            assert second.statistics().dropped.get("no_credit", 0) == 0
+            for d in got:
+                d.release()
+
+
 async def test_data_without_hello_is_refused_with_a_reset(short_tmp: Path) -> None:
     endpoint = f"ipc://{short_tmp}/in.sock"
     async with (

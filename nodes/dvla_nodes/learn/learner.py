@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import weakref
 from collections.abc import Mapping
@@ -198,6 +199,15 @@ class MinibatchSlabs:
         slab = self.pool.acquire_nowait()
         if slab is None:
             return None
+        try:
+            return slab, self._fill(slab, n, take, real)
+        except BaseException:
+            self.pool.release(slab)  # a failed gather must not hold the slab for good
+            raise
+
+    def _fill(
+        self, slab: VramSlab, n: int, take: Take, real: int | None
+    ) -> dict[str, torch.Tensor]:
         i = slab.index
         device = slab.view(self.layout)
         if self._pending[i]:  # the last copies out of this staging area must be done
@@ -228,7 +238,7 @@ class MinibatchSlabs:
         if self.staged:
             self.backend.record(self._copied[i])
             self._pending[i] = True
-        return slab, out
+        return out
 
     def close(self) -> None:
         """Wait for copies in flight, drop the device buffer, unpin the staging area
@@ -286,6 +296,7 @@ class Learner:
         self._anchor_ids: np.ndarray | None = None
         self._use_slabs = slabs
         self._slabs: MinibatchSlabs | None = None
+        self._busy = threading.Lock()  # held by update and cloning; close waits for it
         self._slab_key: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
         self._old = (0, 0)  # acquires and backpressure of slab pools closed since
         self._fallbacks = 0
@@ -429,9 +440,17 @@ class Learner:
             allocations=self.backend.allocations,
         )
 
-    def close(self) -> None:
-        """Release the minibatch slabs (idempotent; a later update builds them again)."""
-        self._close_slabs()
+    def close(self, timeout: float = 10.0) -> None:
+        """Release the minibatch slabs (idempotent; a later update builds them again). An
+        update or cloning run still going on another thread (its node was stopped under it)
+        is waited for up to ``timeout`` seconds; past that the slabs are left to the process's
+        exit rather than freed (or, on CUDA, unpinned) under a copy that may still read them."""
+        if not self._busy.acquire(timeout=timeout):
+            return
+        try:
+            self._close_slabs()
+        finally:
+            self._busy.release()
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -466,6 +485,12 @@ class Learner:
         """Fit the policy to the demonstrations' action tokens (cross-entropy against
         Gaussian-smoothed targets): ``epochs`` passes of minibatches of ``bc_batch``, or as many
         as fit in ``seconds`` (the learning-rate schedule assumes the epoch count)."""
+        with self._busy:
+            return self._behaviour_clone(demos, epochs, seconds)
+
+    def _behaviour_clone(
+        self, demos: Episodes, epochs: int | None, seconds: float | None
+    ) -> BCStats:
         cfg = self.cfg
         epochs = cfg.bc_epochs if epochs is None else epochs
         t0 = time.perf_counter()
@@ -508,6 +533,10 @@ class Learner:
 
     def update(self, episodes: Episodes) -> UpdateStats:
         """One GRPO update on a batch of complete episodes (grouped by ``episodes.group``)."""
+        with self._busy:
+            return self._update(episodes)
+
+    def _update(self, episodes: Episodes) -> UpdateStats:
         cfg = self.cfg
         t0 = time.perf_counter()
         fresh = episodes.version >= self.version - cfg.max_version_lag

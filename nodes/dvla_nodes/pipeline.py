@@ -98,6 +98,12 @@ SEP = "\x1f"  # unit separator: joins task names and instructions in message met
 T = TypeVar("T")
 
 
+def inbox_window(cfg: TrainConfig) -> int:
+    """The learner's credit per sampler: one update's worth of groups (2-4) per version of lag
+    the staleness bound allows, at most 8. Samplers size their slab pools to it."""
+    return min(8, max(2, min(4, cfg.groups_per_iter)) * max(1, cfg.max_version_lag))
+
+
 def train_config(settings: Mapping[str, wire.Scalar]) -> TrainConfig:
     """A :class:`TrainConfig` from a topology's ``[roles.learner]`` table (unknown keys that are
     not TrainConfig fields are ignored: they configure the node, e.g. ``watchdog_s``, or the
@@ -269,8 +275,7 @@ class LearnerNode(Node):
         # it instead of sampling groups only to drop them (dvla bench pipeline saw 18-22 %
         # dropped with 4 groups queued per sampler, 2 per update and max_version_lag 1); with
         # less credit samplers wait instead. A bound of 2 lets samplers run two updates ahead.
-        per_update = max(2, min(4, self.train.groups_per_iter))
-        self.inbox = await self.open_inbox(window=per_update * max(1, self.train.max_version_lag))
+        self.inbox = await self.open_inbox(window=inbox_window(self.train))
         flat = self.learner.host_flat()
         self.pool = self.resources.enter_context(
             create_weight_pool(cfg.run_id, "learner", Manifest.from_arrays({"flat": flat}))
@@ -382,6 +387,10 @@ class LearnerNode(Node):
                 continue
             with got:
                 eps = episodes_from_arrays(got.meta, got.arrays)
+                torn = not got.intact()  # the sender reused the slab while we copied
+            if torn:
+                self.counters["torn_groups"] = self.counters.get("torn_groups", 0) + 1
+                continue
             lag = self.learner.version - int(got.meta.get("version", -1))
             if lag > t.max_version_lag:
                 stale += 1
@@ -618,7 +627,9 @@ class SamplerNode(Node):
                 host=cfg.host,
                 run=cfg.run_id,
                 slab_size=self._slab_bytes(),
-                slabs=4,
+                # A slab per credit the learner grants: with fewer, a sampler holding credit
+                # would roll out groups and then wait for a slab, and they would age.
+                slabs=max(4, inbox_window(self.train)),
                 policy="block",
                 credentials=cfg.data_credentials,
             )
@@ -797,6 +808,11 @@ class SamplerNode(Node):
                 if count > 1:
                     part = dataclasses.replace(part, group=np.zeros_like(part.group))
                 meta, arrays = episodes_to_arrays(part)
-                await self.outbox.send(meta, arrays, topic=TOPIC, timeout=120)
+                try:
+                    await self.outbox.send(meta, arrays, topic=TOPIC, timeout=120)
+                except DeadlineExceeded as exc:  # the learner stalled (or is restarting)
+                    self.counters["send_timeouts"] = self.counters.get("send_timeouts", 0) + 1
+                    self.log.warning("group dropped: %s", exc)
+                    continue
                 self.counters["groups_sent"] = self.counters.get("groups_sent", 0) + 1
                 recent[task] = 0.7 * recent[task] + 0.3 * float(part.success.mean())

@@ -807,7 +807,9 @@ class InferenceNode(Node):
         vram = self.vram
         if vram is not None and vram.host is not None:
             try:
-                vram.refresh(timeout=1.0)
+                # Briefly: this runs before every forward pass, and a replica that keeps a pin
+                # on the slot to stage into must not cost every batch a long wait.
+                vram.refresh(timeout=0.05)
             except DeadlineExceeded as exc:
                 # A replica's forward pass still pins the slot to stage into: serve the
                 # active version and stage again next time (nothing was half-written).

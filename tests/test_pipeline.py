@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,16 @@ def test_killed_learner_resumes_from_its_last_checkpoint(short_tmp: Path) -> Non
             return m is not None and m.pid != learner.pid and m.state == "running"
 
         wait_for(restarted, timeout=60, what="the learner restarted and rejoined")
-        assert up.wait(timeout=120) == 0, (short_tmp / "up.out").read_text()[-3000:]
+        try:
+            code = up.wait(timeout=45)  # ~10 s normally; fail with the evidence, not a timeout
+        except subprocess.TimeoutExpired:
+            logs = short_tmp / "logs"
+            tails = {p.name: p.read_text()[-1500:] for p in sorted(logs.glob("*.log"))}
+            pytest.fail(
+                f"the job did not finish after the learner's restart\nhub: "
+                f"{members_by_node(hub_status(endpoint))}\nlogs: {tails}"
+            )
+        assert code == 0, (short_tmp / "up.out").read_text()[-3000:]
     finally:
         stop(up)
     log = (short_tmp / "logs" / "learner.h.0.log").read_text()

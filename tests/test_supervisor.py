@@ -84,11 +84,12 @@ def test_crashed_child_is_restarted(up: Up) -> None:
     old_pid = victim.pid
     wait_for(lambda: _segments_of(old_pid), what="the producer's shared-memory pool")
     victim.send_signal(signal.SIGKILL)
-    wait_for(
-        lambda: "producer" in up.children() and up.children()["producer"].pid != old_pid,
-        timeout=15,
-        what="a new producer process",
-    )
+
+    def replaced() -> bool:
+        child = up.children().get("producer")  # one snapshot: it may change between calls
+        return child is not None and child.pid != old_pid
+
+    wait_for(replaced, timeout=15, what="a new producer process")
     status = wait_status(
         up.endpoint,
         lambda st: (

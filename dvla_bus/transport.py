@@ -606,6 +606,7 @@ class _Peer:
     host: str = ""
     ready: bool = False
     hello_pending: bool = False  # a Hello is unanswered: a reset must not send a second one
+    hello_at: float = 0.0  # when it was sent (monotonic)
     in_flight: dict[int, SlabHandle] = field(default_factory=dict)  # slab index -> handle
 
 
@@ -616,6 +617,10 @@ class _Pending:
     arrays: list[tuple[str, np.ndarray[Any, Any]]]
     handle: SlabHandle | None
     fields: tuple[wire.ShmField, ...]
+
+
+#: An unanswered Hello older than this is taken as lost when the inbox asks for one again.
+HELLO_RETRY_S: Final = 2.0
 
 
 class Outbox:
@@ -701,6 +706,7 @@ class Outbox:
 
     async def _hello(self, peer: _Peer) -> None:
         peer.hello_pending = True
+        peer.hello_at = time.monotonic()
         await peer.channel.send(wire.Hello(host=self.host), "hello")
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
@@ -730,8 +736,9 @@ class Outbox:
             case wire.Credit() if msg.reset:
                 self._reset(peer)
                 # One Hello at a time: if one is already on its way (the reconnection sent it),
-                # its answer brings the window; a second would be granted a second window.
-                if not peer.hello_pending:
+                # its answer brings the window; a second would be granted a second window. One
+                # unanswered for seconds was lost (its connection broke): say it again.
+                if not peer.hello_pending or time.monotonic() - peer.hello_at > HELLO_RETRY_S:
                     await self._hello(peer)
             case wire.Credit():
                 if msg.host:  # the answer to a Hello: the whole window, not an increment

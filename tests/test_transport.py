@@ -138,8 +138,8 @@ async def test_wait_credit_reports_credit_without_spending_it(short_tmp: Path) -
         assert p.outbox.statistics().credit_waits == waits + 1
         held = await p.inbox.recv(timeout=5)
         waiter = asyncio.create_task(p.outbox.wait_credit(5))
-        await asyncio.sleep(0.05)
-        assert not waiter.done()
+        done, _ = await asyncio.wait({waiter}, timeout=0.05)  # it must still be waiting
+        assert not done
         held.release()  # the inbox grants the credit back: the waiter wakes
         assert await waiter
         await p.outbox.send({"i": 1}, {"x": np.zeros(10)}, timeout=0.5)
@@ -237,8 +237,9 @@ async def test_a_restart_with_credit_left_still_grants_one_window(short_tmp: Pat
             await outbox.wait_ready()
         await outbox.send({"i": 0}, {"x": np.zeros(8)}, timeout=5)  # into the gap
         async with open_inbox(ctx, name="in", host="a", bind=[endpoint], window=2) as second:
-            await _until(lambda: outbox.reconnects == 1 and outbox.credit() > 0)
-            await asyncio.sleep(0.3)  # every answer in
+            peer = outbox._peers[0]
+            # Every Hello answered: one window, however many Hellos went out.
+            await _until(lambda: outbox.reconnects == 1 and peer.ready and not peer.hello_pending)
             assert outbox.credit() == 2
             for i in (1, 2):
                 await outbox.send({"i": i}, {"x": np.zeros(8)}, timeout=5)

@@ -18,8 +18,8 @@ import torch
 
 from dvla_bus.errors import ConfigError, ResourceError
 from dvla_bus.vram import CpuBackend, DeviceBackend
-from dvla_nodes.envs.tasks import TASK_NAMES, TASKS
 from dvla_nodes.learn import Episodes, Learner, TrainConfig, load_checkpoint
+from dvla_nodes.learn.rollout import synthetic_episodes
 from dvla_nodes.learn.trainer import checkpoint_learner
 from dvla_nodes.pipeline import train_config
 from dvla_nodes.policy import PolicyActor, build_policy
@@ -49,27 +49,7 @@ def fake() -> Iterator[FakeCuda]:
 
 
 def episodes(seed: int, lengths: list[int], *, group_size: int = 4, image: int = IMAGE) -> Episodes:
-    """Synthetic complete episodes (random observations, tokens and behaviour log-probs, random
-    shaping so every group carries signal), groups of ``group_size`` in order."""
-    rng = np.random.default_rng(seed)
-    n_ep, steps = len(lengths), int(sum(lengths))
-    names = [TASK_NAMES[int(i)] for i in rng.integers(0, len(TASK_NAMES), n_ep)]
-    return Episodes(
-        images=rng.integers(0, 256, (steps, image, image, 3), dtype=np.uint8),
-        proprio=rng.normal(size=(steps, 7)).astype(np.float32),
-        state=rng.normal(size=(steps, 10)).astype(np.float32),
-        tokens=rng.integers(0, BINS, (steps, 4)).astype(np.int64),
-        logp=(np.log(1.0 / BINS) + 0.3 * rng.normal(size=(steps, 4))).astype(np.float32),
-        episode=np.repeat(np.arange(n_ep, dtype=np.int32), lengths),
-        tasks=tuple(names),
-        seeds=np.arange(n_ep, dtype=np.int64),
-        instructions=tuple(TASKS[t].instructions[0] for t in names),
-        success=rng.random(n_ep) < 0.5,
-        length=np.array(lengths, np.int64),
-        shaping=rng.normal(size=n_ep).astype(np.float32),
-        version=np.zeros(n_ep, np.int64),
-        group=np.arange(n_ep, dtype=np.int64) // group_size,
-    )
+    return synthetic_episodes(seed, lengths, group_size=group_size, image=image, bins=BINS)
 
 
 def config(**kw: object) -> TrainConfig:

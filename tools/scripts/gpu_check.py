@@ -748,33 +748,11 @@ def check_slab_no_alloc(dev: Dev) -> dict[str, Any]:
 
 
 def synthetic_episodes(seed: int, lengths: list[int], image: int, bins: int) -> Any:
-    """Complete episodes with random observations, tokens and behaviour log-probs, in groups
-    of 4 with random shaping (so every group carries signal): the learner's input without
-    simulators."""
-    import numpy as np
+    """The learner's input without simulators (:func:`dvla_nodes.learn.rollout.synthetic_episodes`,
+    groups of 4)."""
+    from dvla_nodes.learn.rollout import synthetic_episodes as make
 
-    from dvla_nodes.envs.tasks import TASK_NAMES, TASKS
-    from dvla_nodes.learn import Episodes
-
-    rng = np.random.default_rng(seed)
-    n, steps = len(lengths), int(sum(lengths))
-    names = [TASK_NAMES[int(i)] for i in rng.integers(0, len(TASK_NAMES), n)]
-    return Episodes(
-        images=rng.integers(0, 256, (steps, image, image, 3), dtype=np.uint8),
-        proprio=rng.normal(size=(steps, 7)).astype(np.float32),
-        state=rng.normal(size=(steps, 10)).astype(np.float32),
-        tokens=rng.integers(0, bins, (steps, 4)).astype(np.int64),
-        logp=(np.log(1.0 / bins) + 0.3 * rng.normal(size=(steps, 4))).astype(np.float32),
-        episode=np.repeat(np.arange(n, dtype=np.int32), lengths),
-        tasks=tuple(names),
-        seeds=np.arange(n, dtype=np.int64),
-        instructions=tuple(TASKS[t].instructions[0] for t in names),
-        success=rng.random(n) < 0.5,
-        length=np.array(lengths, np.int64),
-        shaping=rng.normal(size=n).astype(np.float32),
-        version=np.zeros(n, np.int64),
-        group=np.arange(n, dtype=np.int64) // 4,
-    )
+    return make(seed, lengths, image=image, bins=bins)
 
 
 def check_learner(dev: Dev) -> dict[str, Any]:

@@ -4,9 +4,10 @@ not share an allocator.
 
     .venv/bin/python tools/scripts/learner_rss.py --updates 40 --json PATH
 
-Synthetic episodes (random 64 px frames, 4-8 groups of 8 episodes of 20-80 steps per update,
-half of them successes) of the embedded suite's shape; the tiny policy, one torch thread,
-``MALLOC_ARENA_MAX=2`` as ``dvla up`` starts nodes. Reported per configuration: RSS just before
+Synthetic episodes of the embedded suite's shape (``dvla_nodes.learn.rollout.
+synthetic_episodes``: random 64 px frames, 4-8 groups of 8 episodes of 20-80 steps per
+update), the tiny policy, one torch thread, ``MALLOC_ARENA_MAX=2`` as ``dvla up`` starts
+nodes. Reported per configuration: RSS just before
 each update (the level the process returns to) and the peak during it (sampled every 10 ms by
 a thread), the first 5 updates excluded as warm-up, and the trend (last 10 levels' median
 against the first 10's).
@@ -35,7 +36,7 @@ def _child(bucket: int, updates: int, seed: int) -> dict[str, Any]:
 
     from dvla_nodes.learn.config import TrainConfig
     from dvla_nodes.learn.learner import Learner
-    from dvla_nodes.learn.rollout import Episodes
+    from dvla_nodes.learn.rollout import Episodes, synthetic_episodes
     from dvla_nodes.policy import build_policy
 
     torch.set_num_threads(1)
@@ -43,27 +44,15 @@ def _child(bucket: int, updates: int, seed: int) -> dict[str, Any]:
     model, tok = build_policy()
     learner = Learner(model, tok, cfg)
     rng = np.random.default_rng(seed)
-    text = "push the red block to the green square"
 
     def episodes(n_groups: int) -> Episodes:
-        n = n_groups * cfg.group_size
-        lengths = rng.integers(20, 80, n)
-        steps = int(lengths.sum())
-        return Episodes(
-            images=rng.integers(0, 255, (steps, 64, 64, 3), dtype=np.uint8),
-            proprio=rng.standard_normal((steps, 7)).astype(np.float32),
-            state=rng.standard_normal((steps, 10)).astype(np.float32),
-            tokens=rng.integers(0, cfg.bins, (steps, 4)),
-            logp=np.full((steps, 4), -5.5, np.float32),
-            episode=np.repeat(np.arange(n, dtype=np.int32), lengths),
-            tasks=("push-red",) * n,
-            seeds=np.arange(n),
-            instructions=(text,) * n,
-            success=rng.random(n) < 0.5,
-            length=lengths,
-            shaping=np.zeros(n, np.float32),
-            version=np.full(n, learner.version, np.int64),
-            group=np.repeat(np.arange(n_groups), cfg.group_size),
+        lengths = [int(x) for x in rng.integers(20, 80, n_groups * cfg.group_size)]
+        return synthetic_episodes(
+            int(rng.integers(2**31)),
+            lengths,
+            group_size=cfg.group_size,
+            bins=cfg.bins,
+            version=learner.version,
         )
 
     learner.set_anchor(episodes(4))

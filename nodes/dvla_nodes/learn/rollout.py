@@ -161,6 +161,43 @@ class Assignment:
     group: int = -1
 
 
+def synthetic_episodes(
+    seed: int,
+    lengths: Sequence[int],
+    *,
+    group_size: int = 4,
+    image: int = 64,
+    bins: int = 256,
+    version: int = 0,
+) -> Episodes:
+    """Complete episodes of the embedded suite's shape without a simulator: random frames,
+    proprioception, state, tokens and behaviour log-probs, random tasks (with their first
+    instruction), random success and shaping (so every group carries signal), episode ``i``
+    ``lengths[i]`` steps long, groups of ``group_size`` in order, all sampled with ``version``.
+    The learner's input for tests, memory measurements and device checks."""
+    from dvla_nodes.envs.tasks import TASK_NAMES, TASKS
+
+    rng = np.random.default_rng(seed)
+    n, steps = len(lengths), int(sum(lengths))
+    names = [TASK_NAMES[int(i)] for i in rng.integers(0, len(TASK_NAMES), n)]
+    return Episodes(
+        images=rng.integers(0, 256, (steps, image, image, 3), dtype=np.uint8),
+        proprio=rng.normal(size=(steps, 7)).astype(np.float32),
+        state=rng.normal(size=(steps, 10)).astype(np.float32),
+        tokens=rng.integers(0, bins, (steps, ACTION_DIM)).astype(np.int64),
+        logp=(np.log(1.0 / bins) + 0.3 * rng.normal(size=(steps, ACTION_DIM))).astype(np.float32),
+        episode=np.repeat(np.arange(n, dtype=np.int32), lengths),
+        tasks=tuple(names),
+        seeds=np.arange(n, dtype=np.int64),
+        instructions=tuple(TASKS[t].instructions[0] for t in names),
+        success=rng.random(n) < 0.5,
+        length=np.array(lengths, np.int64),
+        shaping=rng.normal(size=n).astype(np.float32),
+        version=np.full(n, version, np.int64),
+        group=np.arange(n, dtype=np.int64) // group_size,
+    )
+
+
 def run_episodes(
     shards: Sequence[Shard],
     assignments: Sequence[Assignment],

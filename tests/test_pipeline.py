@@ -102,20 +102,33 @@ def test_train_config_from_topology_settings() -> None:
     assert cfg.tasks == ("reach-red", "reach-blue")
 
 
-def _pipeline_topology(
-    tmp: Path, extra: str = "", roles: str = "coordinator = 1, learner = 1, sampler = 1"
-) -> Path:
-    topo = tmp / "t.toml"
+def _write_topology(tmp: Path, name: str, roles: str, tables: str) -> Path:
+    """A one-host job topology ``tmp/<name>.toml``: control over ipc in ``tmp``, then
+    ``tables`` (the roles' settings)."""
+    topo = tmp / f"{name}.toml"
     topo.write_text(
         f"""schema = 1
-name = "pipe"
+name = "{name}"
 [control]
 endpoint = "ipc://{tmp}/c.sock"
 heartbeat_timeout_s = 10.0
 [[hosts]]
 name = "h"
 roles = {{ {roles} }}
-[roles.learner]
+{tables}
+"""
+    )
+    return topo
+
+
+def _pipeline_topology(
+    tmp: Path, extra: str = "", roles: str = "coordinator = 1, learner = 1, sampler = 1"
+) -> Path:
+    return _write_topology(
+        tmp,
+        "pipe",
+        roles,
+        f"""[roles.learner]
 tasks = "reach-red,reach-blue"
 demos_per_task = 2
 bc_epochs = 1
@@ -124,10 +137,8 @@ groups_per_iter = 1
 eval_seeds = 1
 final_eval_seeds = 1
 max_version_lag = 1
-{extra}
-"""
+{extra}""",
     )
-    return topo
 
 
 def test_learner_and_sampler_train_as_separate_processes(short_tmp: Path) -> None:
@@ -342,23 +353,9 @@ def _suite_topology(
         **learner,
     }
     lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
-    topo = tmp / "s.toml"
-    topo.write_text(
-        f"""schema = 1
-name = "suite"
-[control]
-endpoint = "ipc://{tmp}/c.sock"
-heartbeat_timeout_s = 10.0
-[[hosts]]
-name = "h"
-roles = {{ {roles} }}
-[roles.learner]
-{lines}
-[roles.sampler]
-{sampler}
-"""
+    return _write_topology(
+        tmp, "suite", roles, f"[roles.learner]\n{lines}\n[roles.sampler]\n{sampler}"
     )
-    return topo
 
 
 def _run_up(topo: Path, run_dir: Path, *extra: str) -> list[dict[str, Any]]:

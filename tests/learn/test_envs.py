@@ -15,6 +15,9 @@ from dvla_nodes.envs import (
     VectorEnv,
     vocabulary,
 )
+from dvla_nodes.envs.experts import expert_action
+from dvla_nodes.envs.scene import build_model
+from dvla_nodes.envs.sim import TabletopSim
 
 
 def test_suite_has_eight_tasks_over_at_least_three_skills() -> None:
@@ -109,6 +112,27 @@ def test_every_task_solved_by_its_expert() -> None:
     for task in TASK_NAMES:
         rate = solved[[t == task for t in tasks]].mean()
         assert rate >= 0.95, f"{task}: expert success {rate:.0%}"
+
+
+def test_experts_tolerate_action_noise() -> None:
+    """Demonstrations and cloned policies are imprecise: an expert must still finish its task
+    when every action carries Gaussian noise of std 0.2 (1 cm per step). Experts that hovered
+    until the gripper was within 5 mm of its goal managed 3-21 % on pick, place and push."""
+    model = build_model(32)
+    for task in TASK_NAMES:
+        spec = TASKS[task]
+        sim = TabletopSim(model)
+        rng = np.random.default_rng(7)
+        solved = 0
+        for i in range(24):
+            sim.reset(spec, 2000 + i)
+            for _ in range(spec.max_steps):
+                noisy = expert_action(spec, sim.state()) + rng.normal(0.0, 0.2, 4)
+                sim.step(np.clip(noisy, -1.0, 1.0))
+                if sim.success():
+                    solved += 1
+                    break
+        assert solved / 24 >= 0.6, f"{task}: {solved}/24 under action noise 0.2"
 
 
 def test_success_terminates_with_reward_one() -> None:

@@ -23,17 +23,28 @@ def _move(grip: np.ndarray, goal: np.ndarray, grip_cmd: float) -> np.ndarray:
 
 
 def _go_above_then_down(
-    grip: np.ndarray, xy: np.ndarray, z: float, grip_cmd: float, tol: float = 0.006
+    grip: np.ndarray,
+    xy: np.ndarray,
+    z: float,
+    grip_cmd: float,
+    *,
+    near: float = 0.008,
+    far: float = 0.03,
 ) -> np.ndarray:
-    """Travel at a safe height until over ``xy``, then descend to ``z``."""
+    """Travel at a safe height towards ``xy``, descending to ``z`` as the last centimetres close.
+
+    The height is a continuous function of the horizontal error (``SAFE_Z`` beyond ``far``,
+    ``z`` within ``near``, linear between), not a hover-until-precise switch: an imprecise
+    controller -- a noisy demonstration, a cloned policy that sees the block to within a
+    pixel or two -- still lands instead of hovering. (The switch this replaced held the
+    gripper up until the error was under 5-6 mm; under action noise of std 0.2 it rarely was,
+    and the pick, place and push experts fell to 3-21 % success.)
+    """
     err = float(np.linalg.norm(grip[:2] - xy))
-    if err > tol:
-        if grip[2] < SAFE_Z - 0.01 and err > 0.03:
-            return _move(grip, np.array([grip[0], grip[1], SAFE_Z]), grip_cmd)
-        return _move(
-            grip, np.array([xy[0], xy[1], max(grip[2], SAFE_Z if err > 0.03 else z)]), grip_cmd
-        )
-    return _move(grip, np.array([xy[0], xy[1], z]), grip_cmd)
+    if err > far and grip[2] < SAFE_Z - 0.01:
+        return _move(grip, np.array([grip[0], grip[1], SAFE_Z]), grip_cmd)  # rise before travel
+    frac = min(1.0, max(0.0, (err - near) / (far - near)))
+    return _move(grip, np.array([xy[0], xy[1], z + frac * (SAFE_Z - z)]), grip_cmd)
 
 
 def expert_action(spec: TaskSpec, s: SceneState) -> np.ndarray:
@@ -50,15 +61,18 @@ def expert_action(spec: TaskSpec, s: SceneState) -> np.ndarray:
     target = s.targets[spec.target]
     if spec.skill == "place":
         if s.grasped == spec.block:
+            # Carry the block over the target, lowering it as it closes in; open once it is
+            # low enough to rest (success needs it within 3 cm of the centre, released).
             err = float(np.linalg.norm(block[:2] - target))
-            if err > 0.006:
-                goal_xy = grip[:2] + (target - block[:2])
-                if grip[2] < SAFE_Z - 0.005 and err > 0.02:
-                    return _move(grip, np.array([grip[0], grip[1], SAFE_Z + 0.01]), CLOSE)
-                return _move(grip, np.array([goal_xy[0], goal_xy[1], grip[2]]), CLOSE)
-            if block[2] > scene.BLOCK_HALF + 0.006:
-                return _move(grip, grip - np.array([0.0, 0.0, block[2] - scene.BLOCK_HALF]), CLOSE)
-            return _move(grip, grip, OPEN)
+            goal_xy = grip[:2] + (target - block[:2])
+            if grip[2] < SAFE_Z - 0.005 and err > 0.03:
+                return _move(grip, np.array([grip[0], grip[1], SAFE_Z + 0.01]), CLOSE)
+            frac = min(1.0, max(0.0, (err - 0.008) / 0.022))
+            low = scene.BLOCK_HALF + 0.004
+            if err <= 0.012 and block[2] <= low + 0.004:
+                return _move(grip, grip, OPEN)
+            z = grip[2] - block[2] + low + frac * (SAFE_Z + 0.01 - low)
+            return _move(grip, np.array([goal_xy[0], goal_xy[1], z]), CLOSE)
         if float(np.linalg.norm(block[:2] - target)) < 0.01 and block[2] < scene.BLOCK_HALF + 0.01:
             return _move(grip, np.array([grip[0], grip[1], SAFE_Z]), OPEN)
         return _pick(grip, block, s)
@@ -70,9 +84,9 @@ def _pick(grip: np.ndarray, block: np.ndarray, s: SceneState) -> np.ndarray:
     if s.closed:  # closed on nothing: open before trying again
         return _move(grip, np.array([grip[0], grip[1], max(grip[2], 0.03)]), OPEN)
     z = block[2] - scene.BLOCK_HALF + 0.004
-    if err <= 0.006 and grip[2] <= z + 0.004:
+    if err <= 0.012 and grip[2] <= z + 0.006:
         return _move(grip, grip, CLOSE)
-    return _go_above_then_down(grip, block[:2], z, OPEN)
+    return _go_above_then_down(grip, block[:2], z, OPEN, near=0.01, far=0.035)
 
 
 def _push(grip: np.ndarray, block: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -85,15 +99,17 @@ def _push(grip: np.ndarray, block: np.ndarray, target: np.ndarray) -> np.ndarray
     along = float(np.dot(rel, u))
     cross = float(np.linalg.norm(rel - along * u))
     behind = block[:2] - PUSH_BACKOFF * u
-    in_lane = along < -0.015 and cross < 0.012  # in contact the pusher sits ~3 cm behind
-    low = grip[2] <= PUSH_Z + 0.01
+    # In contact the pusher sits ~3 cm behind the centre; up to 2 cm off the line it still
+    # pushes (the steering below brings it back), so noise does not end the push.
+    in_lane = along < -0.012 and cross < 0.02
+    low = grip[2] <= PUSH_Z + 0.015
     if low and not in_lane and along < -0.04:
         # still behind the block: slide back onto the lane at table height (no lift)
         return _move(grip, np.array([behind[0], behind[1], PUSH_Z]), CLOSE)
     if not in_lane or not low:
         if not in_lane and grip[2] < SAFE_Z - 0.01 and float(np.linalg.norm(rel)) < 0.075:
             return _move(grip, np.array([grip[0], grip[1], SAFE_Z]), CLOSE)
-        return _go_above_then_down(grip, behind, PUSH_Z, CLOSE, tol=0.005)
+        return _go_above_then_down(grip, behind, PUSH_Z, CLOSE, near=0.008, far=0.025)
     # Advance along the lane, steering back onto the line through the block and the goal.
     lane_point = block[:2] - (PUSH_BACKOFF - 0.005) * u
     correction = (lane_point - grip[:2]) - float(np.dot(lane_point - grip[:2], u)) * u

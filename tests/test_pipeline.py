@@ -173,6 +173,8 @@ def test_learner_and_sampler_train_as_separate_processes(short_tmp: Path) -> Non
     assert (short_tmp / "trace.json").exists()
     json.loads((short_tmp / "final.json").read_text())  # checkpoint metadata is JSON
     assert (short_tmp / "final.safetensors").exists()
+    warm = json.loads((short_tmp / "warmstart.json").read_text())  # the cloned policy, kept
+    assert (warm["step"], warm["version"]) == (0, 1)
     assert "trace.json written" in out
 
 

@@ -376,7 +376,10 @@ class LearnerNode(Node):
         await self._announce()
         if ck is None:
             await self._evaluate(shards, "eval", t.eval_seeds, env_steps)
-            self._checkpoint("latest", 0, {"elapsed": now(), "env_steps": env_steps})
+            # The cloned policy, kept apart from ``latest`` (as the serial trainer keeps it):
+            # a run can be compared with its own warm start afterwards.
+            for name in ("warmstart", "latest"):
+                self._checkpoint(name, 0, {"elapsed": now(), "env_steps": env_steps})
         pending: list[Episodes] = []
         stale = future = 0
         while iterations < t.iterations and now() < t.minutes * 60:

@@ -27,7 +27,7 @@ import psutil
 
 from dvla_bus import wire
 from dvla_bus.control import ControlClient, open_control_client
-from dvla_bus.errors import DeadlineExceeded, ResourceError
+from dvla_bus.errors import ConfigError, DeadlineExceeded, ResourceError
 from dvla_bus.shm import SEGMENT_PREFIX, SHM_DIR, SegmentName
 from dvla_bus.supervisor import kill_tree
 
@@ -38,6 +38,7 @@ __all__ = [
     "hub_observer",
     "member",
     "run_id",
+    "toml_value",
     "write_training_topology",
 ]
 
@@ -58,12 +59,18 @@ FAST_TRAINING: Final[dict[str, wire.Scalar]] = {
 }
 
 
-def _toml_value(value: wire.Scalar) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` in TOML syntax, for a topology table or ``dvla up --set``: a scalar, or a list
+    of names (``tasks``) as the comma-separated string a topology takes."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string
-    return repr(value)
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return json.dumps(",".join(value))
+    raise ConfigError(f"{value!r}: not a setting value (a scalar or a list of names)")
 
 
 def write_training_topology(
@@ -89,7 +96,7 @@ def write_training_topology(
         f'name = "{HOST}"',
         f"roles = {{ coordinator = 1, learner = 1, sampler = {samplers} }}",
         "[roles.learner]",
-        *(f"{k} = {_toml_value(v)}" for k, v in learner.items()),
+        *(f"{k} = {toml_value(v)}" for k, v in learner.items()),
     ]
     path = root / "topology.toml"
     path.write_text("\n".join(lines) + "\n")

@@ -35,13 +35,13 @@ import numpy as np
 import psutil
 
 from dvla_bus import wire
+from dvla_tools.bench._job import toml_value
 
 __all__ = [
     "TARGET",
     "ceiling",
     "cheetah_case",
     "run_job",
-    "toml_value",
     "watch",
     "write_topology",
 ]
@@ -147,14 +147,6 @@ def ceiling(
 
 
 # --- through dvla ------------------------------------------------------------------------------
-
-
-def toml_value(value: wire.Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
 
 
 def write_topology(

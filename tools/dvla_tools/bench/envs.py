@@ -73,7 +73,7 @@ import psutil
 from dvla_bus import wire
 from dvla_bus.errors import ConfigError, DeadlineExceeded
 from dvla_tools.bench._common import machine_info, write_json
-from dvla_tools.bench._job import HOST, TrainingJob, _toml_value, hub_observer, member
+from dvla_tools.bench._job import HOST, TrainingJob, hub_observer, member, toml_value
 from dvla_tools.cmd_env import run_bare_loop
 
 TARGET_SHARDS_VS_BARE = 0.9
@@ -234,7 +234,7 @@ def write_job_topology(run_dir: Path, roles: dict[str, dict[str, wire.Scalar]]) 
     ]
     for role, table in roles.items():
         lines.append(f"[roles.{role}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
     path = run_dir / "topology.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -52,7 +52,8 @@ from typing import Any, Final
 from dvla_bus import wire
 from dvla_bus.errors import ConfigError
 from dvla_tools.bench._common import machine_info, write_json
-from dvla_tools.bench.cheetah import run_job, toml_value, watch
+from dvla_tools.bench._job import toml_value
+from dvla_tools.bench.cheetah import run_job, watch
 
 __all__ = [
     "BENCH_CONFIG",

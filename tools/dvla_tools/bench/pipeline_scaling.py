@@ -44,7 +44,7 @@ import psutil
 from dvla_bus.sockets import open_context
 from dvla_bus.weights import Manifest, create_weight_pool
 from dvla_tools.bench._common import machine_info, write_json
-from dvla_tools.bench._job import HOST, TrainingJob, _toml_value, hub_observer, member, run_id
+from dvla_tools.bench._job import HOST, TrainingJob, hub_observer, member, run_id, toml_value
 
 __all__ = ["format_table", "main", "run_scaling"]
 
@@ -78,9 +78,9 @@ def _topology(run_dir: Path, learner: dict[str, Any], inference: dict[str, Any])
         f'name = "{HOST}"',
         "roles = { coordinator = 1, inference = 1, learner = 0 }",
         "[roles.learner]",
-        *(f"{k} = {_toml_value(v)}" for k, v in learner.items()),
+        *(f"{k} = {toml_value(v)}" for k, v in learner.items()),
         "[roles.inference]",
-        *(f"{k} = {_toml_value(v)}" for k, v in inference.items()),
+        *(f"{k} = {toml_value(v)}" for k, v in inference.items()),
     ]
     path = run_dir / "topology.toml"
     path.write_text("\n".join(lines) + "\n")

@@ -29,7 +29,7 @@ def _go_above_then_down(
     grip_cmd: float,
     *,
     near: float = 0.008,
-    far: float = 0.03,
+    far: float = 0.045,
 ) -> np.ndarray:
     """Travel at a safe height towards ``xy``, descending to ``z`` as the last centimetres close.
 
@@ -86,7 +86,7 @@ def _pick(grip: np.ndarray, block: np.ndarray, s: SceneState) -> np.ndarray:
     z = block[2] - scene.BLOCK_HALF + 0.004
     if err <= 0.012 and grip[2] <= z + 0.006:
         return _move(grip, grip, CLOSE)
-    return _go_above_then_down(grip, block[:2], z, OPEN, near=0.01, far=0.035)
+    return _go_above_then_down(grip, block[:2], z, OPEN, near=0.01)
 
 
 def _push(grip: np.ndarray, block: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -109,7 +109,7 @@ def _push(grip: np.ndarray, block: np.ndarray, target: np.ndarray) -> np.ndarray
     if not in_lane or not low:
         if not in_lane and grip[2] < SAFE_Z - 0.01 and float(np.linalg.norm(rel)) < 0.075:
             return _move(grip, np.array([grip[0], grip[1], SAFE_Z]), CLOSE)
-        return _go_above_then_down(grip, behind, PUSH_Z, CLOSE, near=0.008, far=0.025)
+        return _go_above_then_down(grip, behind, PUSH_Z, CLOSE)
     # Advance along the lane, steering back onto the line through the block and the goal.
     lane_point = block[:2] - (PUSH_BACKOFF - 0.005) * u
     correction = (lane_point - grip[:2]) - float(np.dot(lane_point - grip[:2], u)) * u

@@ -65,15 +65,19 @@ def expert_action(spec: TaskSpec, s: SceneState) -> np.ndarray:
             # low enough to rest (success needs it within 3 cm of the centre, released).
             err = float(np.linalg.norm(block[:2] - target))
             goal_xy = grip[:2] + (target - block[:2])
-            if grip[2] < SAFE_Z - 0.005 and err > 0.03:
-                return _move(grip, np.array([grip[0], grip[1], SAFE_Z + 0.01]), CLOSE)
+            lift = grip[2] - block[2]  # the block hangs this far below the grip point
+            if block[2] < SAFE_Z and err > 0.03:  # lift clear before travelling
+                return _move(grip, np.array([grip[0], grip[1], lift + SAFE_Z + 0.01]), CLOSE)
             frac = min(1.0, max(0.0, (err - 0.008) / 0.022))
             low = scene.BLOCK_HALF + 0.004
             if err <= 0.012 and block[2] <= low + 0.004:
                 return _move(grip, grip, OPEN)
-            z = grip[2] - block[2] + low + frac * (SAFE_Z + 0.01 - low)
+            z = lift + low + frac * (SAFE_Z + 0.01 - low)
             return _move(grip, np.array([goal_xy[0], goal_xy[1], z]), CLOSE)
-        if float(np.linalg.norm(block[:2] - target)) < 0.01 and block[2] < scene.BLOCK_HALF + 0.01:
+        if (
+            float(np.linalg.norm(block[:2] - target)) <= 0.012
+            and block[2] < scene.BLOCK_HALF + 0.01
+        ):
             return _move(grip, np.array([grip[0], grip[1], SAFE_Z]), OPEN)
         return _pick(grip, block, s)
     return _push(grip, block, target)
@@ -113,6 +117,8 @@ def _push(grip: np.ndarray, block: np.ndarray, target: np.ndarray) -> np.ndarray
     # Advance along the lane, steering back onto the line through the block and the goal.
     lane_point = block[:2] - (PUSH_BACKOFF - 0.005) * u
     correction = (lane_point - grip[:2]) - float(np.dot(lane_point - grip[:2], u)) * u
-    step = min(PUSH_SPEED, dist)
+    # The block lags the (kinematic) pusher: advance no further than keeps it ~2 cm behind
+    # the centre, or it runs through the block's footprint and out of the lane.
+    step = min(PUSH_SPEED, dist, max(0.005, -0.02 - along))
     goal_xy = grip[:2] + step * u + correction
     return _move(grip, np.array([goal_xy[0], goal_xy[1], PUSH_Z]), CLOSE)

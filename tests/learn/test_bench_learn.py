@@ -121,6 +121,10 @@ def test_time_to_bar_is_the_first_evaluation_at_the_bar() -> None:
     assert time_to_bar(curve, bar=0.95) == 300.0
     assert time_to_bar(curve[:3]) is None
     assert time_to_bar([]) is None
+    # A restarted learner's clock resumes from its checkpoint: the first record written is
+    # the first crossing, even when a later record carries a smaller t.
+    restarted = [_curve_record("eval", 200.0, 0.92), _curve_record("eval", 150.0, 0.95)]
+    assert time_to_bar(restarted) == 200.0
 
 
 def test_comparison_of_serial_and_pipeline() -> None:
@@ -173,6 +177,8 @@ def test_pipeline_command_forwards_the_settings_to_the_learner(tmp_path: Path) -
         "learner.seed=3",
         "learner.env_workers=2",
         "learner.final_eval_seeds=100",
+        "learner.eval_every=10",
+        "learner.eval_seeds=10",
         "learner.demos_per_task=100",
         "learner.lr=0.0001",
         'learner.tasks="reach-red,pick-red"',
@@ -187,7 +193,8 @@ def test_pipeline_command_forwards_the_settings_to_the_learner(tmp_path: Path) -
     cfg = train_config(topology.settings("learner"))
     assert (cfg.seed, cfg.env_workers, cfg.final_eval_seeds, cfg.lr) == (3, 2, 100, 1e-4)
     assert cfg.tasks == ("reach-red", "pick-red")
-    assert cfg.eval_every == 50  # the topology's own settings stay
+    assert (cfg.eval_every, cfg.eval_seeds) == (10, 10)  # the serial trainer's schedule
+    assert cfg.max_version_lag == 2  # the topology's own settings stay
 
 
 def test_pipeline_command_quick_and_overrides() -> None:
@@ -352,7 +359,7 @@ def test_run_job_stops_the_whole_group_on_timeout(tmp_path: Path) -> None:
     script = _pid_file_script(pid_file, ignore_term=True, parent_exits=False)
     t0 = time.monotonic()
     out = run_job(
-        [sys.executable, "-c", script], tmp_path / "out", timeout=1.0, grace=0.5, poll_s=0.1
+        [sys.executable, "-c", script], tmp_path / "out", timeout=3.0, grace=0.5, poll_s=0.1
     )
     assert out.timed_out
     assert out.returncode == -9

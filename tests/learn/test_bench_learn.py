@@ -337,13 +337,14 @@ def test_markdown_with_the_pipeline_and_the_comparison(tmp_path: Path) -> None:
 
 
 def _pid_file_script(pid_file: Path, *, ignore_term: bool, parent_exits: bool) -> str:
-    """A parent that starts a grandchild-to-be (both write their pids), then sleeps or exits."""
+    """A parent that starts a grandchild-to-be (which waits for a signal; the parent writes its
+    pid), then waits for a signal itself or exits."""
     return (
-        "import signal, subprocess, sys, time\n"
+        "import signal, subprocess, sys\n"
         + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_term else "")
-        + "kid = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        + "kid = subprocess.Popen([sys.executable, '-c', 'import signal; signal.pause()'])\n"
         + f"open({str(pid_file)!r}, 'w').write(str(kid.pid))\n"
-        + ("" if parent_exits else "time.sleep(60)\n")
+        + ("" if parent_exits else "signal.pause()\n")
     )
 
 

@@ -22,6 +22,12 @@ def _move(grip: np.ndarray, goal: np.ndarray, grip_cmd: float) -> np.ndarray:
     return np.array([*np.clip(delta, -1.0, 1.0), grip_cmd], dtype=np.float32)
 
 
+def _ramp(err: float, near: float, far: float) -> float:
+    """0 within ``near`` of the goal, 1 beyond ``far``, linear between: how much of its safe
+    height a gripper keeps at horizontal error ``err`` as it descends."""
+    return min(1.0, max(0.0, (err - near) / (far - near)))
+
+
 def _go_above_then_down(
     grip: np.ndarray,
     xy: np.ndarray,
@@ -43,7 +49,7 @@ def _go_above_then_down(
     err = float(np.linalg.norm(grip[:2] - xy))
     if err > far and grip[2] < SAFE_Z - 0.01:
         return _move(grip, np.array([grip[0], grip[1], SAFE_Z]), grip_cmd)  # rise before travel
-    frac = min(1.0, max(0.0, (err - near) / (far - near)))
+    frac = _ramp(err, near, far)
     return _move(grip, np.array([xy[0], xy[1], z + frac * (SAFE_Z - z)]), grip_cmd)
 
 
@@ -68,7 +74,7 @@ def expert_action(spec: TaskSpec, s: SceneState) -> np.ndarray:
             lift = grip[2] - block[2]  # the block hangs this far below the grip point
             if block[2] < SAFE_Z and err > 0.03:  # lift clear before travelling
                 return _move(grip, np.array([grip[0], grip[1], lift + SAFE_Z + 0.01]), CLOSE)
-            frac = min(1.0, max(0.0, (err - 0.008) / 0.022))
+            frac = _ramp(err, 0.008, 0.03)
             low = scene.BLOCK_HALF + 0.004
             if err <= 0.012 and block[2] <= low + 0.004:
                 return _move(grip, grip, OPEN)

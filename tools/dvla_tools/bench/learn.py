@@ -311,6 +311,30 @@ def comparison(settings: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     return {"serial_s": serial, "pipeline_s": pipe, "faster": faster}
 
 
+def _outcome(
+    warm_by_task: Mapping[str, float],
+    final_success: float,
+    final_by_task: Mapping[str, float],
+    curve: Sequence[Mapping[str, Any]],
+) -> dict[str, Any]:
+    """A setting's result against the bar, whichever way it ran: the warm start's and the final
+    policy's success (the warm start's mean is taken over its tasks), the gain, whether the bar
+    is met, the weakest task, the curve and the time to the bar."""
+    warm = float(sum(warm_by_task.values()) / max(1, len(warm_by_task)))
+    gain = final_success - warm
+    return {
+        "warmstart_success": warm,
+        "warmstart_success_by_task": dict(warm_by_task),
+        "final_success": final_success,
+        "final_success_by_task": dict(final_by_task),
+        "gain": gain,
+        "bar_met": final_success >= BAR_SUCCESS and gain >= BAR_GAIN,
+        "min_task_success": min(final_by_task.values()),
+        "curve": list(curve),
+        "time_to_bar_s": time_to_bar(curve),
+    }
+
+
 def _setting(
     args: argparse.Namespace, label: str, demos: int | None, overrides: dict[str, Any]
 ) -> dict[str, Any]:
@@ -324,20 +348,13 @@ def _setting(
     warm = evaluate_checkpoint(run_dir / "warmstart.json", cfg.final_eval_seeds, cfg.env_workers)
     records = read_metrics(run_dir / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
-    gain = res.final.success - warm.success
     curve = [r for r in records if r["kind"] in ("bc", "eval", "final")]
     return {
         "setting": label,
         "run_dir": str(run_dir),
         "plot": str(run_dir / "success.png"),
         "config": cfg.to_json(),
-        "warmstart_success": warm.success,
-        "warmstart_success_by_task": warm.success_by_task,
-        "final_success": res.final.success,
-        "final_success_by_task": res.final.success_by_task,
-        "gain": gain,
-        "bar_met": res.final.success >= BAR_SUCCESS and gain >= BAR_GAIN,
-        "min_task_success": min(res.final.success_by_task.values()),
+        **_outcome(warm.success_by_task, res.final.success, res.final.success_by_task, curve),
         "train_seconds": res.train_seconds,
         "bc_seconds": res.bc_seconds,
         "env_steps": res.env_steps,
@@ -348,8 +365,6 @@ def _setting(
         "eval_seconds": sum(r.get("eval_seconds", 0.0) for r in records if r["kind"] == "eval"),
         "skipped_groups": sum(r["skipped_groups"] for r in train),
         "groups": sum(r["groups"] for r in train),
-        "curve": curve,
-        "time_to_bar_s": time_to_bar(curve),
     }
 
 
@@ -596,22 +611,13 @@ def pipeline_result(
     train = [r for r in records if r.get("kind") == "train"]
     bc = [r for r in records if r.get("kind") == "bc"]
     curve = [r for r in records if r.get("kind") in ("bc", "eval", "final")]
-    warm = float(sum(warm_by_task.values()) / max(1, len(warm_by_task)))
-    final_success = float(final["success"])
-    gain = final_success - warm
     by_task = {str(k): float(v) for k, v in final["success_by_task"].items()}
     return {
         "setting": "pipeline",
         "run_dir": str(run_dir),
         "plot": str(run_dir / "success.png"),
         "config": meta["config"],
-        "warmstart_success": warm,
-        "warmstart_success_by_task": dict(warm_by_task),
-        "final_success": final_success,
-        "final_success_by_task": by_task,
-        "gain": gain,
-        "bar_met": final_success >= BAR_SUCCESS and gain >= BAR_GAIN,
-        "min_task_success": min(by_task.values()),
+        **_outcome(warm_by_task, float(final["success"]), by_task, curve),
         "train_seconds": float(ck_metrics.get("elapsed", final["t"])),
         "bc_seconds": float(bc[-1]["t"]) if bc else 0.0,
         "env_steps": int(ck_metrics.get("env_steps", final.get("env_steps", 0))),
@@ -627,8 +633,6 @@ def pipeline_result(
         "skipped_groups": sum(int(r.get("skipped_groups", 0)) for r in train),
         "groups": sum(int(r.get("groups", 0)) for r in train),
         "stale_groups": int(train[-1].get("stale_groups", 0)) if train else 0,
-        "curve": curve,
-        "time_to_bar_s": time_to_bar(curve),
     }
 
 

@@ -3,6 +3,8 @@ that must raise the log-probability of the better episodes' actions."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -257,3 +259,25 @@ def test_cloning_anchor_pulls_towards_the_demonstrations() -> None:
     learner.set_anchor(demos)
     learner.update(eps)
     assert _mean_logp(learner, demos, rows) > plain + 0.1
+
+
+def test_noisy_demonstrations_do_not_depend_on_the_environment_layout() -> None:
+    # The serial trainer collects its demonstrations over two env workers, a learner role over
+    # one: with DART noise drawn per episode both get the same data from the same seed.
+    jobs = [Assignment(t, 30 + i) for t in ("reach-red", "push-red-green") for i in range(3)]
+
+    def collect(sizes: list[int], noise: float = 0.3) -> Episodes:
+        with contextlib.ExitStack() as stack:
+            shards = [stack.enter_context(VectorEnv(n, image_size=32)) for n in sizes]
+            return run_episodes(
+                shards, jobs, None, bins=32, expert_noise=noise, rng=np.random.default_rng(5)
+            )
+
+    one, two = collect([6]), collect([2, 1])
+    np.testing.assert_array_equal(one.length, two.length)
+    np.testing.assert_array_equal(one.tokens, two.tokens)
+    np.testing.assert_array_equal(one.images, two.images)
+    np.testing.assert_array_equal(one.shaping, two.shaping)
+    # the noise is there: without it the same episodes run otherwise
+    plain = collect([6], noise=0.0)
+    assert plain.images.shape != one.images.shape or not np.array_equal(plain.images, one.images)

@@ -152,6 +152,7 @@ class _Open:
     logp: list[np.ndarray] = field(default_factory=list)
     shaping: float = 0.0
     success: bool = False
+    noise: np.random.Generator | None = None  # this episode's DART noise stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,11 +215,15 @@ def run_episodes(
     ``policy`` maps (images, proprio, instructions) of the slots that need an action to an
     :class:`ActOutput`; with ``policy=None`` the scripted experts act (demonstrations): the
     recorded tokens are the expert's action, the executed action adds Gaussian noise of std
-    ``expert_noise`` (DART), drawn from ``rng``. When ``stop`` is set (by another thread) the
+    ``expert_noise`` (DART). Each episode draws its noise from its own stream, seeded by one
+    draw from ``rng`` and the episode's place in ``assignments``, so the demonstrations are
+    the same however the environments are laid out over shards (the serial trainer's two env
+    workers, a learner role's one). When ``stop`` is set (by another thread) the
     outstanding commands are received and :class:`RolloutAborted` is raised: within one
     environment step per shard.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
+    noise_base = int(rng.integers(2**63)) if policy is None and expert_noise > 0 else None
     queue = list(enumerate(assignments))
     queue.reverse()
     finished: dict[int, _Open] = {}
@@ -233,7 +238,13 @@ def run_episodes(
         for i in range(shard.num_envs):
             if slot_ep[k][i] is None and queue:
                 idx, a = queue.pop()
-                slot_ep[k][i] = _Open(idx, a.task, a.seed, a.group)
+                slot_ep[k][i] = _Open(
+                    idx,
+                    a.task,
+                    a.seed,
+                    a.group,
+                    noise=None if noise_base is None else np.random.default_rng([noise_base, idx]),
+                )
                 mask[i], tasks[i], seeds[i] = True, a.task, a.seed
         if any(mask):
             shard.send_reset(tasks, seeds, mask)
@@ -259,9 +270,11 @@ def run_episodes(
             expert = batch.expert[sel]
             toks = actions_to_tokens(expert, bins)
             logps = np.zeros_like(expert, dtype=np.float32)
-            noisy = (
-                expert + rng.normal(0.0, expert_noise, expert.shape) if expert_noise > 0 else expert
-            )
+            noisy = expert.copy()
+            for j, i in enumerate(active):
+                ep = slot_ep[k][i]
+                if ep is not None and ep.noise is not None:
+                    noisy[j] += ep.noise.normal(0.0, expert_noise, expert.shape[1])
             actions = np.zeros((shard.num_envs, expert.shape[1]), np.float32)
             actions[sel] = np.clip(noisy, -1.0, 1.0)
         for j, i in enumerate(active):

@@ -4,11 +4,13 @@ that must raise the log-probability of the better episodes' actions."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
+from dvla_bus.errors import ConfigError
 from dvla_nodes.envs import VectorEnv
 from dvla_nodes.learn import (
     Assignment,
@@ -281,3 +283,35 @@ def test_noisy_demonstrations_do_not_depend_on_the_environment_layout() -> None:
     # the noise is there: without it the same episodes run otherwise
     plain = collect([6], noise=0.0)
     assert plain.images.shape != one.images.shape or not np.array_equal(plain.images, one.images)
+
+
+def test_pg_coef_zero_leaves_an_update_blind_to_rewards() -> None:
+    # The ablation knob: without the policy-gradient term the update (anchor and auxiliary loss
+    # still on) is the same whatever the rewards; with it, inverted rewards move it elsewhere.
+    cfg = TrainConfig(
+        seed=3, bins=32, image_size=32, group_size=4, lr=1e-3, minibatch=4096, torch_threads=1
+    )
+    torch.set_num_threads(1)
+    learner, _, eps = _batch(cfg)
+    with VectorEnv(4, image_size=32) as env:
+        demos = run_episodes(
+            [env], [Assignment("reach-red", 90 + i) for i in range(4)], None, bins=32
+        )
+    learner.set_anchor(demos)
+    flipped = dataclasses.replace(eps, success=~eps.success, shaping=-eps.shaping)
+    start, gen = learner.flat.clone(), learner._gen.get_state()
+
+    def after(batch: Episodes, pg_coef: float) -> torch.Tensor:
+        learner.flat.copy_(start)
+        learner.optimizer.state.clear()
+        learner._gen.set_state(gen)
+        learner.version = 0
+        learner.cfg = cfg.replace(pg_coef=pg_coef)
+        learner.update(batch)
+        return learner.flat.clone()
+
+    assert torch.equal(after(eps, 0.0), after(flipped, 0.0))
+    assert not torch.equal(after(eps, 0.0), start)  # the anchor still trains
+    assert not torch.allclose(after(eps, 1.0), after(flipped, 1.0))
+    with pytest.raises(ConfigError, match="pg_coef"):
+        TrainConfig(pg_coef=-1.0)

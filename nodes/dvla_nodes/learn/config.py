@@ -61,6 +61,10 @@ class TrainConfig:
     # minibatch, and its batch size (0: pure GRPO).
     rl_bc_coef: float = 0.5
     rl_bc_batch: int = 128
+    # Weight of the GRPO policy-gradient term (clipped ratio and entropy) in each update; 0
+    # keeps every other part of the update (cloning anchor, auxiliary loss, the same minibatches
+    # of the same rollouts): the ablation that tells what reinforcement learning adds.
+    pg_coef: float = 1.0
 
     # GRPO
     group_size: int = 8
@@ -119,6 +123,8 @@ class TrainConfig:
             raise ConfigError(f"group_size={self.group_size}: GRPO needs at least 2 per group")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature}: must be > 0")
+        if self.pg_coef < 0:
+            raise ConfigError(f"pg_coef={self.pg_coef}: must be >= 0")
         if self.bins < 2:
             raise ConfigError(f"bins={self.bins}: need at least 2")
 

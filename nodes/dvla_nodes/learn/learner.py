@@ -577,7 +577,7 @@ class Learner:
                         entropy_coef=cfg.entropy_coef,
                         weight=weight,
                     )
-                    loss = parts.loss
+                    loss = cfg.pg_coef * parts.loss
                     if aux is not None and cfg.rl_aux_coef > 0:
                         state = t["state"]
                         if weight is None:

@@ -127,16 +127,33 @@ def test_time_to_bar_is_the_first_evaluation_at_the_bar() -> None:
     assert time_to_bar(restarted) == 200.0
 
 
+def test_sustained_time_to_bar_averages_the_last_evaluations() -> None:
+    # One lucky evaluation is not the bar sustained: the mean of the last `window` must be.
+    success = [0.5, 0.92, 0.8, 0.88, 0.9, 0.93, 0.95, 0.91]
+    curve = [_curve_record("eval", 10.0 * (i + 1), v) for i, v in enumerate(success)]
+    curve.insert(3, {"kind": "train", "t": 35.0, "success": 0.0})  # not an evaluation
+    assert time_to_bar(curve) == 20.0
+    assert time_to_bar(curve, window=3) == 60.0  # (0.88 + 0.9 + 0.93) / 3 >= 0.9
+    # at 70 s the last five average 0.892; at 80 s, 0.914
+    assert time_to_bar(curve, window=5) == 80.0
+    assert time_to_bar(curve[:5], window=5) is None  # fewer evaluations than the window
+    with pytest.raises(ValueError, match="window"):
+        time_to_bar(curve, window=0)
+
+
 def test_comparison_of_serial_and_pipeline() -> None:
-    def s(label: str, ttb: float | None) -> dict[str, Any]:
-        return {"setting": label, "time_to_bar_s": ttb}
+    def s(label: str, ttb: float | None, sustained: float | None = None) -> dict[str, Any]:
+        return {"setting": label, "time_to_bar_s": ttb, "time_to_bar_sustained_s": sustained}
 
     assert comparison([s("main", 600.0)]) is None
     assert comparison([s("one-demo", 60.0), s("pipeline", 30.0)]) is None
-    assert comparison([s("main", 600.0), s("pipeline", 400.0)]) == {
+    assert comparison([s("main", 600.0, 900.0), s("pipeline", 400.0, 1000.0)]) == {
         "serial_s": 600.0,
         "pipeline_s": 400.0,
         "faster": "pipeline",
+        "serial_sustained_s": 900.0,
+        "pipeline_sustained_s": 1000.0,
+        "faster_sustained": "serial",
     }
 
     def faster(serial: float | None, pipeline: float | None) -> object:
@@ -288,6 +305,7 @@ def test_pipeline_result_from_a_run_directory(tmp_path: Path) -> None:
     assert (res["groups"], res["skipped_groups"], res["stale_groups"]) == (16, 3, 1)
     assert [r["kind"] for r in res["curve"]] == ["bc", "eval", "eval", "final"]
     assert res["time_to_bar_s"] == 70.0  # a quick evaluation reached 92 %
+    assert res["time_to_bar_sustained_s"] is None  # three evaluations, fewer than five
     assert res["config"]["final_eval_seeds"] == 100
 
 
@@ -318,16 +336,18 @@ def test_markdown_with_the_pipeline_and_the_comparison(tmp_path: Path) -> None:
     result = {"settings": [serial, pipe], "comparison": comparison([serial, pipe])}
     text = markdown(result)
     assert (
-        "| pipeline | 25.0% | 75.0% | +50.0 pts | 50% | 1.5 min | 7,000 | **not met** | 1.2 min |"
-        in text
+        "| pipeline | 25.0% | 75.0% | +50.0 pts | 50% | 1.5 min | 7,000 | **not met** | 1.2 min | "
+        "not reached |" in text
     )
     assert (
-        "| main | 25.0% | 75.0% | +50.0 pts | 50% | 1.5 min | 7,000 | **not met** | not reached |"
-        in text
+        "| main | 25.0% | 75.0% | +50.0 pts | 50% | 1.5 min | 7,000 | **not met** | not reached | "
+        "not reached |" in text
     )
     assert (
         "Time to the bar (first evaluation with >= 90% mean success): serial trainer (main) "
-        "not reached, pipeline 1.2 min: only the pipeline reached it." in text
+        "not reached, pipeline 1.2 min: only the pipeline reached it. Sustained (mean of the "
+        "last 5 evaluations >= 90%): serial trainer (main) not reached, pipeline not reached: "
+        "neither reached it." in text
     )
     assert "Time split: rollouts 30 s, GRPO updates 20 s, evaluations 4 s" in text
     assert "Time split (lane busy time): sampling n/a, inference n/a, GRPO updates n/a" in text

@@ -27,8 +27,8 @@ reports ``time_to_bar_s``: the training time of its first evaluation with mean s
 the mean of the last five evaluations is >= 90 % (five quick evaluations are 400 episodes over
 five versions; one is 80, and one version to the next moves by several points); when
 ``main`` and ``pipeline`` both ran, the result's ``comparison`` sets the two against each
-other. The pipeline's clock is the learner's
-(it starts once the learner's process has set up); ``job.wall_s`` is the whole ``dvla up``.
+other. The pipeline's clock is the learner's (it starts once the learner's process has set
+up); ``job.wall_s`` is the whole ``dvla up``.
 ``--quick`` (every setting): 1 minute, 10 demonstrations per task, quick evaluations of 4
 seeds per task every 5 iterations, at most 10 held-out seeds per task.
 """

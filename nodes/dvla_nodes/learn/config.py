@@ -44,7 +44,7 @@ class TrainConfig:
     demos_per_task: int = 100
     # Std of Gaussian noise on the executed expert actions (DART): the demonstrations then show
     # recoveries from the states a clone drifts into. 0.2 (the experts still succeed 91-100 %
-    # of the time) cloned 100 demos/task to 68-70 % where 0.1 gave 44-56 %, push 64-66 %
+    # of the time) cloned 100 demos/task to 63-70 % where 0.1 gave 44-56 %, push 53-71 %
     # where 0.1 gave 2-26 % (BENCHMARKS.md, Learning).
     demo_noise: float = 0.2
     bc_epochs: int = 30

@@ -352,7 +352,16 @@ def test_markdown_with_the_pipeline_and_the_comparison(tmp_path: Path) -> None:
     assert "Time split: rollouts 30 s, GRPO updates 20 s, evaluations 4 s" in text
     assert "Time split (lane busy time): sampling n/a, inference n/a, GRPO updates n/a" in text
     assert "| bc |" not in text  # the bc record has no success to show
-    both = comparison_line({"serial_s": 600.0, "pipeline_s": 300.0, "faster": "pipeline"})
+    both = comparison_line(
+        {
+            "serial_s": 600.0,
+            "pipeline_s": 300.0,
+            "faster": "pipeline",
+            "serial_sustained_s": 900.0,
+            "pipeline_sustained_s": None,
+            "faster_sustained": "serial",
+        }
+    )
     assert "serial trainer (main) 10.0 min, pipeline 5.0 min: pipeline faster (2.00x)." in both
 
 

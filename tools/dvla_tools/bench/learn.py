@@ -736,18 +736,12 @@ def _mins(value: float | None) -> str:
 
 
 def comparison_line(cmp: Mapping[str, Any]) -> str:
-    line = (
+    return (
         f"Time to the bar (first evaluation with >= {BAR_SUCCESS:.0%} mean success): "
         + _verdict(cmp["serial_s"], cmp["pipeline_s"], cmp["faster"])
+        + f" Sustained (mean of the last {BAR_WINDOW} evaluations >= {BAR_SUCCESS:.0%}): "
+        + _verdict(cmp["serial_sustained_s"], cmp["pipeline_sustained_s"], cmp["faster_sustained"])
     )
-    if "faster_sustained" in cmp:
-        line += (
-            f" Sustained (mean of the last {BAR_WINDOW} evaluations >= {BAR_SUCCESS:.0%}): "
-            + _verdict(
-                cmp["serial_sustained_s"], cmp["pipeline_sustained_s"], cmp["faster_sustained"]
-            )
-        )
-    return line
 
 
 def _verdict(serial: float | None, pipe: float | None, faster: str | None) -> str:

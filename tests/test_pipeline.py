@@ -156,6 +156,10 @@ def test_learner_and_sampler_train_as_separate_processes(short_tmp: Path) -> Non
     out = (short_tmp / "up.out").read_text()
     assert "learner.h.0 finished" in out
     assert "sampler.h.0 finished" in out
+    # The learner's demonstrations and evaluations: one iteration's groups (4 x 1) over
+    # env_workers (default 2) processes, as the serial trainer steps them.
+    log = (short_tmp / "logs" / "learner.h.0.log").read_text()
+    assert "4 environment(s) over 2 process(es) for demonstrations" in log, log[-3000:]
     records = [json.loads(line) for line in (short_tmp / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) >= 2, records

@@ -255,13 +255,24 @@ class LearnerNode(Node):
         self.suite = job_suite(self.train, cfg.settings)
         torch.set_num_threads(max(1, self.train.torch_threads))
         torch.manual_seed(self.train.seed)
-        # The learner's own environments (demonstrations, evaluations) in a worker process —
+        # The learner's own environments (demonstrations, evaluations) in worker processes —
         # rendering never runs on this event loop or the executor thread (an EGL context is
         # bound to the thread that made it). Opened first: the suite's spec shapes the policy.
+        # The embedded suite's cheap environments: as many as the serial trainer steps (one
+        # iteration's groups) over env_workers processes, so demonstrations and evaluations
+        # use both cores as the serial trainer's do (measured, 64 over 2 processes against 8
+        # over 1: 800 demonstrations 5.5 s vs 8.4 s, a quick evaluation 1.1 s vs 1.9 s, the
+        # final one 12.1 s vs 19.7 s); other suites' (LIBERO: ~1 GiB each): one group's worth
+        # in one process.
+        t = self.train
+        if self.suite.name == "embedded":
+            num_envs = max(1, t.group_size * t.groups_per_iter)
+            workers = max(1, min(t.env_workers, num_envs))
+        else:
+            num_envs, workers = max(1, t.group_size), 1
         self._stop_rollouts = threading.Event()
         self.envs: JobShards = await enter_in_thread(
-            self.resources,
-            open_job_shards(self.train, self.suite, max(1, self.train.group_size), 1),
+            self.resources, open_job_shards(t, self.suite, num_envs, workers)
         )
         spec = self.envs.spec
         if spec.suite != "embedded":  # MT10 -> its ten tasks: what samplers and evals use
@@ -285,7 +296,8 @@ class LearnerNode(Node):
         self._suite_record = suite_record(self.suite, spec, tok)
         self.log.info(
             "suite %s: %d task(s) (%s), actions %d-d (%s), proprio %d, state %d, expert %s, "
-            "policy %d parameters",
+            "policy %d parameters; %d environment(s) over %d process(es) for demonstrations "
+            "and evaluations",
             spec.suite,
             len(spec.tasks),
             ", ".join(spec.tasks[:4]) + (", ..." if len(spec.tasks) > 4 else ""),
@@ -295,6 +307,8 @@ class LearnerNode(Node):
             spec.state_dim,
             "yes" if spec.has_expert else "no",
             model.num_params,
+            sum(s.num_envs for s in self.envs.shards),
+            len(self.envs.shards),
         )
         self.metrics = MetricsLog(cfg.run_dir / "metrics.jsonl")
         self.resources.callback(self.metrics.close)

@@ -466,3 +466,45 @@ def test_libero_adapter() -> None:
         assert moved.proprio[0, 2] - start.proprio[0, 2] > 0.03  # eef z rose (m)
         assert moved.proprio[0, 6] < start.proprio[0, 6]  # finger joint closed in
         assert not moved.done[0]
+
+
+def test_a_suite_interpreter_runs_this_checkouts_dvla(tmp_path: Path) -> None:
+    """A suite's venv is shared by every checkout and holds an editable install of the one that
+    made it; its workers must import *this* process's dvla (else: another version of the
+    worker protocol, or no dvla at all once that checkout is gone)."""
+    import os
+    import shutil
+
+    import dvla_bus
+    import dvla_nodes
+    from dvla_nodes.envs.vector import worker_environ
+
+    assert worker_environ(None) is None
+    assert worker_environ(sys.executable) is None
+    other = shutil.which("python3", path="/usr/bin:/bin")
+    if other is None or os.path.realpath(other) == os.path.realpath(sys.executable):
+        pytest.skip("needs a second interpreter (/usr/bin/python3) besides this venv's")
+    # A plain interpreter with no dvla installed, run where the checkout is not importable.
+    # (find_spec: where each package would load from, without running dvla_bus's imports)
+    probe = (
+        "import importlib.util as u; "
+        "print(u.find_spec('dvla_nodes').origin); print(u.find_spec('dvla_bus').origin)"
+    )
+    plain = subprocess.run(
+        [other, "-I", "-c", "import dvla_nodes"], capture_output=True, cwd=tmp_path, check=False
+    )
+    assert plain.returncode != 0  # -I: isolated, no dvla
+    env = worker_environ(other)
+    assert env is not None
+    out = subprocess.run(
+        [other, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        timeout=30,
+    )
+    nodes_file, bus_file = out.stdout.split()
+    assert Path(nodes_file).parent == Path(next(iter(dvla_nodes.__path__))).resolve()
+    assert Path(bus_file).parent == Path(next(iter(dvla_bus.__path__))).resolve()

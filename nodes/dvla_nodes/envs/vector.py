@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
@@ -309,6 +310,23 @@ def worker_main(rfd: int, wfd: int, num_envs: int, image_size: int) -> None:
     serve(rfd, wfd, lambda: VectorEnv(num_envs, image_size))
 
 
+def worker_environ(python: str | None) -> dict[str, str] | None:
+    """The environment for a worker run by interpreter ``python``: ``None`` (inherit) for this
+    interpreter; for another (a suite's own venv) this process's dvla source directories come
+    first on ``PYTHONPATH``. That venv is shared by every checkout on the machine and holds an
+    editable install of whichever checkout made it: without this, a worker would run that
+    checkout's code (another version of the pipe protocol), or fail to import dvla at all once
+    that checkout is gone."""
+    if python is None or os.path.abspath(python) == os.path.abspath(sys.executable):
+        return None
+    import dvla_bus
+    import dvla_nodes
+
+    roots = [str(Path(next(iter(m.__path__))).parent) for m in (dvla_nodes, dvla_bus)]
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys([*roots, *inherited]))}
+
+
 class RemoteVectorEnv:
     """A :class:`VectorEnv` of ``num_envs`` slots in a child process (a fresh interpreter that
     imports no torch). Use as a context manager or call ``close``: the child is stopped and
@@ -337,7 +355,12 @@ class RemoteVectorEnv:
         args = [str(num_envs), str(image_size)] if worker_args is None else list(worker_args)
         cmd = [python or sys.executable, "-m", worker, str(down_r), str(up_w), *args]
         try:
-            self._proc = subprocess.Popen(cmd, pass_fds=(down_r, up_w), stdin=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(
+                cmd,
+                pass_fds=(down_r, up_w),
+                stdin=subprocess.DEVNULL,
+                env=worker_environ(python),
+            )
         finally:
             os.close(down_r)
             os.close(up_w)

@@ -31,6 +31,7 @@ stops the job through the control bus.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -79,9 +80,13 @@ from dvla_nodes.learn.trainer import (
 )
 from dvla_nodes.policy.act import ActOutput, PolicyActor
 from dvla_nodes.policy.flat import flatten
+from dvla_nodes.torch_thread import TorchThread
 
 if TYPE_CHECKING:
+    from dvla_nodes.envs.suites import SuiteSpec
     from dvla_nodes.inference import RemotePolicy
+    from dvla_nodes.policy.model import VLAPolicy
+    from dvla_nodes.policy.tokenizer import Tokenizer
 
 __all__ = [
     "LearnerNode",
@@ -162,14 +167,18 @@ async def enter_in_thread(
 
 
 async def on_shards(
-    fn: Callable[[], T], stop: threading.Event, interrupt: Callable[[], None] | None = None
+    fn: Callable[[], T],
+    stop: threading.Event,
+    interrupt: Callable[[], None] | None = None,
+    executor: concurrent.futures.Executor | None = None,
 ) -> T:
-    """``fn()`` — which steps a node's environment shards — in an executor thread. If the
+    """``fn()`` — which steps a node's environment shards — in an executor thread (``executor``
+    or the loop's default: a node's :class:`TorchThread` when ``fn`` runs its policy). If the
     caller is cancelled (the node is stopping), ``stop`` asks the rollout to end (and
     ``interrupt`` ends a remote policy call it may be blocked in) and the call returns only
     once the shards are quiet (within one environment step): a shard must never be read by two
     threads, and teardown closes them right after."""
-    fut = asyncio.get_running_loop().run_in_executor(None, fn)
+    fut = asyncio.get_running_loop().run_in_executor(executor, fn)
     try:
         return await asyncio.shield(fut)
     except asyncio.CancelledError:
@@ -253,8 +262,6 @@ class LearnerNode(Node):
         cfg = self.config
         self.train = train_config(cfg.settings)
         self.suite = job_suite(self.train, cfg.settings)
-        torch.set_num_threads(max(1, self.train.torch_threads))
-        torch.manual_seed(self.train.seed)
         # The learner's own environments (demonstrations, evaluations) in worker processes —
         # rendering never runs on this event loop or the executor thread (an EGL context is
         # bound to the thread that made it). Opened first: the suite's spec shapes the policy.
@@ -277,8 +284,14 @@ class LearnerNode(Node):
         spec = self.envs.spec
         if spec.suite != "embedded":  # MT10 -> its ten tasks: what samplers and evals use
             self.train = self.train.replace(tasks=spec.tasks)
-        model, tok = build_suite_policy(self.train, spec)
-        self.learner = Learner(model, tok, self.train)  # on [roles.learner] device
+        # Every multi-threaded torch call (building the policy, cloning, updates, evaluations)
+        # runs on one thread of its own: with a second OpenMP team on the event-loop thread,
+        # cloning ran 1.3x slower (dvla_nodes/torch_thread.py). Shut down (waiting for a call
+        # in progress) before the environments close: callbacks run LIFO.
+        self.torch = self.resources.enter_context(
+            TorchThread(self.train.torch_threads, f"torch-{cfg.node_id}")
+        )
+        model, tok, self.learner = await self.torch.run(self._build, spec)
         self.resources.callback(self.learner.close)
         self.actor = PolicyActor(model, tok, self.train.temperature)
         # Groups queued here age while the learner updates: a window of about one update's
@@ -313,6 +326,11 @@ class LearnerNode(Node):
         self.metrics = MetricsLog(cfg.run_dir / "metrics.jsonl")
         self.resources.callback(self.metrics.close)
 
+    def _build(self, spec: SuiteSpec) -> tuple[VLAPolicy, Tokenizer, Learner]:
+        torch.manual_seed(self.train.seed)
+        model, tok = build_suite_policy(self.train, spec)
+        return model, tok, Learner(model, tok, self.train)  # on [roles.learner] device
+
     def _publish(self) -> None:
         with self.lanes.busy("distribution"):
             digest = self.pool.publish(self.learner.version, {"flat": self.learner.host_flat()})
@@ -336,7 +354,6 @@ class LearnerNode(Node):
         t = self.train
         spec = self.envs.spec
         shards = self.envs.shards
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         rng = np.random.default_rng(t.seed)
         ck = self._restore()
@@ -372,7 +389,7 @@ class LearnerNode(Node):
         elif ck is None:
             assert demos is not None
             env_steps += demos.num_steps
-            bc = await loop.run_in_executor(None, self.learner.behaviour_clone, demos)
+            bc = await self.torch.run(self.learner.behaviour_clone, demos)
             self.learner.version = max(self.learner.version, 1)
             self.metrics.write(
                 {
@@ -428,7 +445,7 @@ class LearnerNode(Node):
             self.learner.set_lr(t.lr * min(1.0, iterations / max(1, t.lr_warmup)))
             before = self.learner.version
             with self.lanes.busy("gradient"):
-                up = await loop.run_in_executor(None, self.learner.update, batch)
+                up = await self.torch.run(self.learner.update, batch)
             if up.version != before:
                 self._publish()
                 await self._announce()
@@ -533,6 +550,7 @@ class LearnerNode(Node):
                 stop=self._stop_rollouts,
             ),
             self._stop_rollouts,
+            executor=self.torch.executor,
         )
         self.gauges["eval_success"] = ev.success
         self.metrics.write(

@@ -135,6 +135,7 @@ from dvla_nodes.policy.act import ActOutput, PolicyActor
 from dvla_nodes.policy.flat import FlatLayout, bind, flatten
 from dvla_nodes.policy.model import VLAPolicy
 from dvla_nodes.policy.tokenizer import Tokenizer
+from dvla_nodes.torch_thread import TorchThread
 
 __all__ = [
     "TOPIC",
@@ -537,7 +538,10 @@ class InferenceNode(Node):
         learner_settings = topology.settings("learner") if topology else {}
         self.train = train_config({**learner_settings, **cfg.settings})
         self.settings = InferenceSettings.from_settings(cfg.settings)
-        torch.set_num_threads(self.settings.threads)
+        # Forward passes run on one thread with ``threads`` torch threads; this (event-loop)
+        # thread keeps one, so the process has one OpenMP team (dvla_nodes/torch_thread.py).
+        self._torch = self.resources.enter_context(TorchThread(self.settings.threads, cfg.node_id))
+        self._pool = self._torch.executor
         self.model: VLAPolicy | None = None
         self.layout: FlatLayout | None = None
         self.actor: PolicyActor | None = None
@@ -574,9 +578,8 @@ class InferenceNode(Node):
         # One thread runs every forward pass and all weight following: it pins and reads the
         # pool or slots (a reader belongs to one thread) while the event loop keeps receiving
         # and granting credit. Shut down (waiting for a forward in progress) before the
-        # readers close: callbacks run LIFO.
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=cfg.node_id)
-        self.resources.callback(self._pool.shutdown, wait=True)
+        # readers close: callbacks run LIFO (closed here, and again, a no-op, at the end).
+        self.resources.callback(self._torch.close)
         self.inbox = await self.open_inbox(window=self.settings.window)
         self._reader_gen = 0
         # What the parameters view: ("pool", reader generation, slot), ("vram", 0, slot) or

@@ -142,9 +142,11 @@ max_version_lag = 1
 
 
 def test_learner_and_sampler_train_as_separate_processes(short_tmp: Path) -> None:
-    # The sampler rolls out two groups together (one policy batch) and sends each on its own.
+    # The sampler rolls out two groups together (one policy batch) and sends each on its own;
+    # the learner clones with 2 torch threads and updates with 1.
     topo = _pipeline_topology(
-        short_tmp, "minutes = 0.4\neval_every = 3\n[roles.sampler]\nrollout_groups = 2"
+        short_tmp,
+        "minutes = 0.4\neval_every = 3\nupdate_threads = 1\n[roles.sampler]\nrollout_groups = 2",
     )
     up = spawn(
         ["up", str(topo), "--run-dir", str(short_tmp), "--status-every", "0"], short_tmp / "up.out"
@@ -160,6 +162,7 @@ def test_learner_and_sampler_train_as_separate_processes(short_tmp: Path) -> Non
     # env_workers (default 2) processes, as the serial trainer steps them.
     log = (short_tmp / "logs" / "learner.h.0.log").read_text()
     assert "4 environment(s) over 2 process(es) for demonstrations" in log, log[-3000:]
+    assert "GRPO updates with 1 torch thread(s) (warm start: 2)" in log, log[-3000:]
     records = [json.loads(line) for line in (short_tmp / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert len(train) >= 2, records

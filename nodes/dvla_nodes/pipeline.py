@@ -411,6 +411,13 @@ class LearnerNode(Node):
             # a run can be compared with its own warm start afterwards.
             for name in ("warmstart", "latest"):
                 self._checkpoint(name, 0, {"elapsed": now(), "env_steps": env_steps})
+        if t.update_threads > 0 and t.update_threads != self.torch.threads:
+            # From here samplers share the host's cores (see TrainConfig.update_threads).
+            warm = self.torch.threads
+            await asyncio.to_thread(self.torch.set_threads, t.update_threads)
+            self.log.info(
+                "GRPO updates with %d torch thread(s) (warm start: %d)", t.update_threads, warm
+            )
         pending: list[Episodes] = []
         stale = future = 0
         while iterations < t.iterations and now() < t.minutes * 60:

@@ -57,6 +57,11 @@ class TorchThread:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
 
+    def set_threads(self, threads: int) -> None:
+        """Run the torch thread's calls with ``threads`` intra-op threads from now on."""
+        self.threads = max(1, int(threads))
+        self.call(torch.set_num_threads, self.threads)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 

@@ -33,6 +33,10 @@ class TrainConfig:
     policy_stem: str = "patch"
     bins: int = 256
     torch_threads: int = 2
+    # Torch threads for the distributed learner's GRPO updates (`dvla up`), which run while
+    # samplers share the host's cores; 0 = torch_threads. Its warm start (cloning, the samplers
+    # still idle) and the serial trainer use torch_threads.
+    update_threads: int = 0
     # Where the learner trains: "cpu", "cuda" (the current GPU), "cuda:N", or "auto" (CUDA when
     # available, else the CPU). The model, its flat parameter buffer, the optimiser state and the
     # minibatch slabs live there; published weights and checkpoints are copied to the host.
@@ -125,6 +129,8 @@ class TrainConfig:
             raise ConfigError(f"temperature={self.temperature}: must be > 0")
         if self.pg_coef < 0:
             raise ConfigError(f"pg_coef={self.pg_coef}: must be >= 0")
+        if self.update_threads < 0:
+            raise ConfigError(f"update_threads={self.update_threads}: must be >= 0")
         if self.bins < 2:
             raise ConfigError(f"bins={self.bins}: need at least 2")
 

@@ -413,9 +413,13 @@ class CheetahLearner(Node):
         import torch
         from torch import nn
 
+        from dvla_nodes.torch_thread import TorchThread
+
         cfg = self.config
         self.cc = cc = cheetah_config(cfg.settings)
-        torch.set_num_threads(max(1, cc.torch_threads))
+        # Updates run on one thread with torch_threads torch threads; this (event-loop) thread
+        # keeps one, so the process has one OpenMP team (dvla_nodes/torch_thread.py).
+        self.torch = self.resources.enter_context(TorchThread(cc.torch_threads, cfg.node_id))
         torch.manual_seed(cc.seed)
         route_mujoco_warnings()
         probe = gym.make(cc.env_id)
@@ -557,7 +561,6 @@ class CheetahLearner(Node):
 
     async def run(self) -> None:
         cc = self.cc
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
 
         def now() -> float:
@@ -593,7 +596,7 @@ class CheetahLearner(Node):
             batch, pending = pending, []
             frames += sum(b.frames for b in batch)
             with self.lanes.busy("gradient"):
-                stats = await loop.run_in_executor(None, self._update, batch)
+                stats = await self.torch.run(self._update, batch)
             await self._publish()
             updates += 1
             episodes = sum(b.episodes for b in batch)

@@ -418,3 +418,42 @@ def test_run_job_kills_and_reports_what_a_finished_job_left(tmp_path: Path) -> N
     assert out.leaked_pids == (kid,)
     assert _dead(kid)
     assert seen == [{"kind": "eval", "t": 1.0}]  # the torn last line is not a record yet
+
+
+def test_sigterm_stops_a_benchmark_and_the_job_it_started(tmp_path: Path) -> None:
+    """`kill <bench>` must not orphan the `dvla up` it runs in its own session (found when a
+    stopped `dvla bench learn --settings pipeline` left its job training for 20 more minutes)."""
+    import signal
+    import subprocess
+
+    pid_file = tmp_path / "kid.pid"
+    job = _pid_file_script(pid_file, ignore_term=False, parent_exits=False)
+    bench = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from dvla_tools.bench.learn import run_job\n"
+        "from dvla_tools.cmd_bench import _sigterm_as_interrupt\n"
+        "def bench(args):\n"
+        f"    run_job([sys.executable, '-c', {job!r}], Path({str(tmp_path / 'out')!r}),\n"
+        "            timeout=300.0, grace=5.0, poll_s=0.1, linger=0.5)\n"
+        "    return 0\n"
+        "try:\n"
+        "    _sigterm_as_interrupt(bench)(None)\n"
+        "except KeyboardInterrupt:\n"
+        "    sys.exit(130)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", bench])
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline, "the job never started"
+            assert proc.poll() is None
+            time.sleep(0.05)
+        kid = int(pid_file.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 130
+        assert _dead(kid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -7,7 +7,12 @@ Each benchmark is a module ``dvla_tools.bench.<name>`` exposing
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 BENCHES: tuple[tuple[str, str], ...] = (
@@ -36,3 +41,29 @@ def register(sub: Any, name: str, help_text: str) -> None:
                 continue
             raise
         module.register(benches, bench, bench_help)
+        bench_parser = benches.choices[bench]
+        func = bench_parser.get_default("func")
+        if func is not None:
+            bench_parser.set_defaults(func=_sigterm_as_interrupt(func))
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _sigterm_as_interrupt(func: Callable[[Any], int]) -> Callable[[Any], int]:
+    """SIGTERM stops a benchmark as Ctrl-C does: cleanup runs. By default it ends the process
+    on the spot, and the jobs a benchmark starts in their own sessions (``dvla up`` children,
+    which a terminal's Ctrl-C would not reach either) kept running for their whole budget."""
+
+    @functools.wraps(func)
+    def run(args: Any) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            return func(args)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return func(args)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return run

@@ -11,6 +11,11 @@ the model, 1.8-1.9 s on the main thread alone, 1.7 s with this class; in ``dvla 
 topologies/local.toml`` the learner's warm start ended at t = 179 s before (~25,000 context
 switches/s, 28 % of the CPU idle while cloning) and 138 s after (~270/s, none idle).
 
+The other side: one team spins at its barriers again, and where other busy processes share the
+cores (samplers beside the learner) the second thread's spinning takes CPU they need — the
+learner's GRPO updates there run on one thread (``TrainConfig.update_threads``; measured in
+BENCHMARKS.md: 29.5 versions/min with two, 40.9 with one).
+
 ``torch.set_num_threads`` sets a process-wide default that threads pick up the first time they
 use torch, *and* the calling thread's own OpenMP setting. So :class:`TorchThread` first pins the
 calling (event-loop) thread to one thread — ``get_num_threads`` makes torch initialise that
@@ -38,8 +43,7 @@ class TorchThread:
 
     def __init__(self, threads: int, name: str = "torch") -> None:
         torch.set_num_threads(1)
-        if torch.get_num_threads() != 1:  # pragma: no cover - a torch without OpenMP threads
-            raise RuntimeError("torch.set_num_threads(1) did not take on this thread")
+        torch.get_num_threads()  # initialises this thread's own setting now, at 1
         self.threads = max(1, int(threads))
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
         self._pool.submit(torch.set_num_threads, self.threads).result()

@@ -21,8 +21,8 @@ from dvla_nodes.torch_thread import TorchThread
 def tasks():
     return len(os.listdir("/proc/self/task"))
 
-big = torch.randn(1024, 1024)
-with TorchThread(2) as tt:
+with TorchThread(2) as tt:  # before this thread's first torch op: its setting starts at 1
+    big = torch.randn(1024, 1024)
     start = tasks()
     tt.call(lambda: (big @ big).sum())          # the torch thread's team: one more thread
     after_torch = tasks()

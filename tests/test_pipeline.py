@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dvla_bus.errors import ConfigError
 from dvla_nodes.learn.rollout import Episodes
 from dvla_nodes.pipeline import (
     episodes_from_arrays,
     episodes_to_arrays,
     train_config,
     training_seed,
+    update_threads,
 )
 from tests.helpers import dvla, hub_status, members_by_node, spawn, stop, wait_for
 
@@ -508,3 +510,16 @@ def test_configuration_error_inside_a_node_exits_2(short_tmp: Path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "configuration error" in proc.stderr
     assert "inference='bogus'" in proc.stderr
+
+
+def test_update_threads_leave_the_samplers_their_cores() -> None:
+    t = train_config({})  # torch_threads 2, env_workers 2, update_threads 0 (auto)
+    one_sampler = {"coordinator": 1, "learner": 1, "sampler": 1}
+    assert update_threads(t, one_sampler, cpus=2) == 1  # this machine: measured 1.39x
+    assert update_threads(t, one_sampler, cpus=16) == 2  # cores to spare: torch_threads
+    assert update_threads(t, {"learner": 1}, cpus=2) == 2  # a host of its own
+    assert update_threads(t, {"learner": 1, "sampler": 1, "inference": 1}, cpus=5) == 1
+    assert update_threads(t, {"learner": 1, "sampler": 1, "inference": 1}, cpus=6) == 2
+    assert update_threads(t.replace(update_threads=3), one_sampler, cpus=2) == 3  # explicit
+    with pytest.raises(ConfigError, match="update_threads"):
+        train_config({"update_threads": -1})

@@ -34,8 +34,10 @@ class TrainConfig:
     bins: int = 256
     torch_threads: int = 2
     # Torch threads for the distributed learner's GRPO updates (`dvla up`), which run while
-    # samplers share the host's cores; 0 = torch_threads. Its warm start (cloning, the samplers
-    # still idle) and the serial trainer use torch_threads.
+    # samplers may share the host's cores; 0 = auto: torch_threads, capped by the cores the
+    # host's samplers (with their env_workers) and inference nodes leave, at least 1
+    # (dvla_nodes.pipeline.update_threads). Its warm start (cloning, the samplers still idle)
+    # and the serial trainer use torch_threads.
     update_threads: int = 0
     # Where the learner trains: "cpu", "cuda" (the current GPU), "cuda:N", or "auto" (CUDA when
     # available, else the CPU). The model, its flat parameter buffer, the optimiser state and the

@@ -27,6 +27,7 @@ from dvla_tools.bench.learn import (
     time_to_bar,
     train_values,
 )
+from tests.helpers import wait_for
 
 
 def test_machine_description() -> None:
@@ -444,11 +445,12 @@ def test_sigterm_stops_a_benchmark_and_the_job_it_started(tmp_path: Path) -> Non
     )
     proc = subprocess.Popen([sys.executable, "-c", bench])
     try:
-        deadline = time.monotonic() + 30
-        while not (pid_file.exists() and pid_file.read_text()):
-            assert time.monotonic() < deadline, "the job never started"
-            assert proc.poll() is None
-            time.sleep(0.05)
+        wait_for(
+            lambda: proc.poll() is not None or (pid_file.exists() and pid_file.read_text()),
+            timeout=30,
+            what="the job's child to start",
+        )
+        assert proc.poll() is None, "the benchmark ended before its job started"
         kid = int(pid_file.read_text())
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 130

@@ -310,6 +310,12 @@ def worker_main(rfd: int, wfd: int, num_envs: int, image_size: int) -> None:
     serve(rfd, wfd, lambda: VectorEnv(num_envs, image_size))
 
 
+def is_this_interpreter(python: str) -> bool:
+    """Whether ``python`` is the interpreter running this process. A venv's python is a
+    symlink to its base interpreter: paths are compared, not targets."""
+    return os.path.abspath(python) == os.path.abspath(sys.executable)
+
+
 def worker_environ(python: str | None) -> dict[str, str] | None:
     """The environment for a worker run by interpreter ``python``: ``None`` (inherit) for this
     interpreter; for another (a suite's own venv) this process's dvla source directories come
@@ -317,7 +323,7 @@ def worker_environ(python: str | None) -> dict[str, str] | None:
     editable install of whichever checkout made it: without this, a worker would run that
     checkout's code (another version of the pipe protocol), or fail to import dvla at all once
     that checkout is gone."""
-    if python is None or os.path.abspath(python) == os.path.abspath(sys.executable):
+    if python is None or is_this_interpreter(python):
         return None
     import dvla_bus
     import dvla_nodes

@@ -37,7 +37,7 @@ from dvla_nodes.envs.suites._interface import (
 )
 from dvla_nodes.envs.suites._vector import SuiteVectorEnv
 from dvla_nodes.envs.tasks import TASK_NAMES, TASKS
-from dvla_nodes.envs.vector import RemoteVectorEnv, VectorEnv
+from dvla_nodes.envs.vector import RemoteVectorEnv, VectorEnv, is_this_interpreter
 
 WORKER = "dvla_nodes.envs.suites._worker"
 WORKER_PROTOCOL = 1
@@ -95,8 +95,7 @@ def suite_python(suite: str) -> str | None:
 def has_suite(suite: str, python: str | None = None) -> bool:
     """Whether interpreter ``python`` (default: this one) can import ``suite``'s package."""
     name = suite_info(suite).import_name
-    # a venv's python is a symlink to its base interpreter: compare paths, not targets
-    if python is None or os.path.abspath(python) == os.path.abspath(sys.executable):
+    if python is None or is_this_interpreter(python):
         return importlib.util.find_spec(name) is not None
     probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({name!r}) is None)"
     try:

@@ -244,8 +244,9 @@ def test_killed_learner_resumes_from_its_last_checkpoint(short_tmp: Path) -> Non
 def test_serial_mode_then_resume_continues_versions(short_tmp: Path) -> None:
     """``dvla up --serial`` runs every node in one process from the same code and topology;
     ``dvla up --resume RUN_DIR --minutes N`` then continues that run in separate processes from
-    its final checkpoint: no second warm start, versions continue."""
-    topo = _pipeline_topology(short_tmp, "minutes = 5.0\neval_every = 0")
+    its final checkpoint: no second warm start, versions continue, and the KL reference is the
+    run's warm start again."""
+    topo = _pipeline_topology(short_tmp, "minutes = 5.0\neval_every = 0\nrl_kl_coef = 0.5")
     args = ["up", str(topo), "--run-dir", str(short_tmp), "--status-every", "0", "--serial"]
     up = spawn([*args, "--minutes", "0.3"], short_tmp / "up.out")
     try:
@@ -278,6 +279,9 @@ def test_serial_mode_then_resume_continues_versions(short_tmp: Path) -> None:
     resumed = [r for r in records if r["kind"] == "train" and r["version"] > first["version"]]
     assert resumed
     assert resumed[0]["iteration"] == first["step"] + 1
+    assert all("kl_ref" in r for r in records if r["kind"] == "train")
+    log = (short_tmp / "logs" / "learner.h.0.log").read_text()
+    assert f"KL reference: {short_tmp / 'warmstart.json'}" in log, log[-3000:]
 
 
 def test_up_rejects_bad_overrides_and_resume_without_checkpoint(short_tmp: Path) -> None:

@@ -76,6 +76,7 @@ from dvla_nodes.learn.trainer import (
     checkpoint_learner,
     collect_demos,
     evaluate,
+    resume_reference,
     rollout_threads,
 )
 from dvla_nodes.policy.act import ActOutput, PolicyActor
@@ -399,6 +400,7 @@ class LearnerNode(Node):
             )
         if ck is None and demos is None:
             self.learner.version = max(self.learner.version, 1)
+            await self.torch.run(self.learner.set_reference)  # the initial policy
             reason = no_expert_reason(spec)
             self.log.info("no warm start: %s", reason)
             self.metrics.write(
@@ -409,6 +411,7 @@ class LearnerNode(Node):
             env_steps += demos.num_steps
             bc = await self.torch.run(self.learner.behaviour_clone, demos)
             self.learner.version = max(self.learner.version, 1)
+            await self.torch.run(self.learner.set_reference)
             self.metrics.write(
                 {
                     "kind": "bc",
@@ -420,6 +423,9 @@ class LearnerNode(Node):
             )
         else:
             self._load(ck, await self._hub_latest_version())
+            ref = await self.torch.run(resume_reference, self.learner, self.config.run_dir)
+            if self.train.rl_kl_coef > 0:
+                self.log.info("KL reference: %s", ref)
         self.learner.set_anchor(demos if t.rl_bc_coef > 0 else None)
         self._publish()
         await self._announce()
@@ -488,6 +494,7 @@ class LearnerNode(Node):
                     "success_by_task": batch.success_by_task(),
                     "reward": float(episode_rewards(batch, t).mean()),
                     "loss": up.loss,
+                    "kl_ref": up.kl_ref,
                     "groups": up.groups,
                     "skipped_groups": up.skipped_groups,
                     "updated": up.version != before,

@@ -21,6 +21,7 @@ from dvla_nodes.learn import (
     episode_rewards,
     group_advantages,
     grpo_loss,
+    reference_kl,
     run_episodes,
 )
 from dvla_nodes.policy import PolicyActor, build_policy
@@ -315,3 +316,52 @@ def test_pg_coef_zero_leaves_an_update_blind_to_rewards() -> None:
     assert not torch.allclose(after(eps, 1.0), after(flipped, 1.0))
     with pytest.raises(ConfigError, match="pg_coef"):
         TrainConfig(pg_coef=-1.0)
+
+
+def test_reference_kl_is_the_exact_divergence_over_bins() -> None:
+    torch.manual_seed(2)
+    logits, ref = torch.randn(6, 3, 10), torch.randn(6, 3, 10)
+    assert float(reference_kl(ref, ref, temperature=1.3)) == pytest.approx(0.0, abs=1e-6)
+    p = torch.softmax(logits / 0.7, -1)
+    q = torch.softmax(ref / 0.7, -1)
+    manual = (p * (p.log() - q.log())).sum(-1)  # (6, 3)
+    torch.testing.assert_close(reference_kl(logits, ref, temperature=0.7), manual.mean())
+    weight = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    torch.testing.assert_close(
+        reference_kl(logits, ref, temperature=0.7, weight=weight), manual[[0, 1, 3]].mean()
+    )
+    assert float(reference_kl(logits, ref, temperature=0.7)) > 0
+
+
+def test_kl_to_the_reference_pulls_a_drifted_policy_back() -> None:
+    # Only the KL term trains (no policy gradient, no auxiliary loss): a policy pushed away
+    # from its frozen reference moves back towards it, update after update.
+    cfg = TrainConfig(
+        seed=3,
+        bins=32,
+        image_size=32,
+        group_size=4,
+        lr=1e-3,
+        minibatch=4096,
+        torch_threads=1,
+        pg_coef=0.0,
+        rl_aux_coef=0.0,
+        rl_kl_coef=1.0,
+        max_version_lag=100,
+    )
+    torch.set_num_threads(1)
+    learner, _, eps = _batch(cfg)
+    learner.set_reference()
+    assert learner.has_reference
+    with torch.no_grad():
+        learner.flat.add_(0.05 * torch.randn(learner.flat.shape, generator=torch.Generator()))
+    kls = [learner.update(eps).kl_ref for _ in range(6)]
+    assert kls[0] > 0.01
+    assert kls[-1] < 0.5 * kls[0], kls
+    # Without the coefficient no reference is kept, and the term is absent.
+    plain = Learner(*build_policy(image_size=32, bins=32, seed=3), cfg.replace(rl_kl_coef=0.0))
+    plain.set_reference()
+    assert not plain.has_reference
+    assert plain.update(eps).kl_ref == 0.0
+    with pytest.raises(ConfigError, match="rl_kl_coef"):
+        TrainConfig(rl_kl_coef=-0.1)

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import torch
 
-from dvla_nodes.learn import SerialTrainer, TrainConfig, load_checkpoint, read_metrics
+from dvla_nodes.learn import (
+    Learner,
+    SerialTrainer,
+    TrainConfig,
+    load_checkpoint,
+    read_metrics,
+    resume_reference,
+)
+from dvla_nodes.policy import build_policy
 from tests.helpers import dvla
 
 
@@ -71,6 +79,31 @@ def test_serial_run_is_reproducible(tmp_path: Path) -> None:
     a = load_checkpoint(tmp_path / "a" / "final.json")
     b = load_checkpoint(tmp_path / "b" / "final.json")
     torch.testing.assert_close(torch.from_numpy(a.flat), torch.from_numpy(b.flat))
+
+
+def test_kl_reference_is_the_warm_start_and_survives_resume(tmp_path: Path) -> None:
+    cfg = _tiny(rl_kl_coef=0.5)
+    run = tmp_path / "run"
+    SerialTrainer(cfg, run).run()
+    kls = [r["kl_ref"] for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(kls) == 3
+    assert kls[0] == 0.0 or kls[0] < max(kls)  # 0 at the warm start, growing as GRPO moves
+    assert max(kls) > 0.0
+    # A resumed learner (the final weights) takes the run's warm start as its reference again.
+    final, warm = load_checkpoint(run / "final.json"), load_checkpoint(run / "warmstart.json")
+    learner = Learner(*build_policy(image_size=32, bins=16, stem=cfg.policy_stem), cfg)
+    learner.flat[: final.layout.total].copy_(torch.from_numpy(final.flat))
+    assert resume_reference(learner, run) == str(run / "warmstart.json")
+    ref = learner._reference
+    assert ref is not None
+    for e in learner.layout.entries:
+        want = torch.from_numpy(warm.flat[e.offset : e.offset + e.numel]).view(e.shape)
+        torch.testing.assert_close(ref.get_parameter(e.name).detach(), want)
+    assert not torch.equal(torch.from_numpy(final.flat), torch.from_numpy(warm.flat))
+    # Without a warm-start checkpoint the resumed weights stand in; without the term, nothing.
+    assert "no warmstart" in resume_reference(learner, tmp_path)
+    plain = Learner(*build_policy(image_size=32, bins=16, stem=cfg.policy_stem), _tiny())
+    assert resume_reference(plain, run) == "none"
 
 
 def test_cli_requires_serial_and_reports_config_errors(tmp_path: Path) -> None:

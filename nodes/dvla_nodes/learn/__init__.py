@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from dvla_nodes.learn.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from dvla_nodes.learn.config import DEMO_SEED_BASE, EVAL_SEED_BASE, TrainConfig
-from dvla_nodes.learn.grpo import Advantages, clipped_objective, group_advantages, grpo_loss
+from dvla_nodes.learn.grpo import (
+    Advantages,
+    clipped_objective,
+    group_advantages,
+    grpo_loss,
+    reference_kl,
+)
 from dvla_nodes.learn.learner import BCStats, Learner, UpdateStats, episode_rewards
 from dvla_nodes.learn.metrics import MetricsLog, plot_success, read_metrics
 from dvla_nodes.learn.rollout import Assignment, Episodes, RolloutAborted, run_episodes
@@ -18,6 +24,7 @@ from dvla_nodes.learn.trainer import (
     evaluate,
     make_run_dir,
     open_shards,
+    resume_reference,
 )
 
 __all__ = [
@@ -46,6 +53,8 @@ __all__ = [
     "open_shards",
     "plot_success",
     "read_metrics",
+    "reference_kl",
+    "resume_reference",
     "run_episodes",
     "save_checkpoint",
 ]

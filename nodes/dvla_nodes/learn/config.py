@@ -71,6 +71,11 @@ class TrainConfig:
     # keeps every other part of the update (cloning anchor, auxiliary loss, the same minibatches
     # of the same rollouts): the ablation that tells what reinforcement learning adds.
     pg_coef: float = 1.0
+    # Weight of the KL divergence KL(policy || reference) per action token, the reference being
+    # the warm-start policy frozen when GRPO begins (as in DeepSeekMath's GRPO; computed exactly
+    # over the bins, not estimated from the sampled token). 0: no reference model is kept.
+    # Restrains drift and forgetting without cloning: it never sees a demonstration.
+    rl_kl_coef: float = 0.0
 
     # GRPO
     group_size: int = 8
@@ -129,6 +134,8 @@ class TrainConfig:
             raise ConfigError(f"group_size={self.group_size}: GRPO needs at least 2 per group")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature}: must be > 0")
+        if self.rl_kl_coef < 0:
+            raise ConfigError(f"rl_kl_coef={self.rl_kl_coef}: must be >= 0")
         if self.pg_coef < 0:
             raise ConfigError(f"pg_coef={self.pg_coef}: must be >= 0")
         if self.update_threads < 0:

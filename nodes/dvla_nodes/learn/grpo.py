@@ -130,3 +130,22 @@ def grpo_loss(
         approx_kl=float(approx_kl),
         entropy=float(entropy.detach()),
     )
+
+
+def reference_kl(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    *,
+    temperature: float,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over action tokens of the exact ``KL(pi || pi_ref)`` between the policy's bin
+    distributions (logits (T, A, bins), at ``temperature``) and a reference's (the same shape,
+    no gradient needed); ``weight`` (T,) as in :func:`grpo_loss`."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    logq = torch.log_softmax(ref_logits / temperature, dim=-1)
+    per_token = (logp.exp() * (logp - logq)).sum(-1)  # (T, A)
+    if weight is None:
+        return per_token.mean()
+    w = weight.to(per_token.dtype)[:, None]
+    return (per_token * w).sum() / (w.sum() * per_token.shape[1]).clamp_min(1.0)

@@ -17,6 +17,7 @@ CPU, one copy into a preallocated host buffer on a GPU).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -35,7 +36,7 @@ from dvla_bus.pool import Layout
 from dvla_bus.shm import PAGE_SIZE, round_up
 from dvla_bus.vram import DeviceBackend, VramSlab, VramSlabPool, backend_from_spec, torch_dtype
 from dvla_nodes.learn.config import TrainConfig
-from dvla_nodes.learn.grpo import group_advantages, grpo_loss
+from dvla_nodes.learn.grpo import group_advantages, grpo_loss, reference_kl
 from dvla_nodes.learn.rollout import Episodes
 from dvla_nodes.policy.flat import FlatLayout, flatten
 from dvla_nodes.policy.model import VLAPolicy
@@ -64,6 +65,7 @@ class UpdateStats:
     entropy: float
     grad_norm: float
     seconds: float
+    kl_ref: float = 0.0  # mean KL(policy || reference) per token (0 without a reference)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,6 +296,7 @@ class Learner:
         self._gen = torch.Generator().manual_seed(cfg.seed + 17)
         self._anchor: Episodes | None = None
         self._anchor_ids: np.ndarray | None = None
+        self._reference: VLAPolicy | None = None
         self._use_slabs = slabs
         self._slabs: MinibatchSlabs | None = None
         self._busy = threading.Lock()  # held by update and cloning; close waits for it
@@ -479,6 +482,32 @@ class Learner:
             None if demos is None else self.tokenizer.encode_batch(demos.instructions)
         )
 
+    def set_reference(self, flat: np.ndarray | None = None) -> None:
+        """Freeze the policy's current weights (or ``flat``, in the layout's order: a run's
+        warm-start checkpoint when it resumes) as the reference of the ``rl_kl_coef`` term.
+        A no-op when ``rl_kl_coef`` is 0, so no second model is held."""
+        if self.cfg.rl_kl_coef <= 0:
+            self._reference = None
+            return
+        with self._busy:
+            ref = copy.deepcopy(self.model)
+            _, ref_flat = flatten(ref)  # its own buffer, on the policy's device
+            if flat is not None:
+                if flat.size < self.layout.total:
+                    raise ConfigError(
+                        f"reference weights have {flat.size} parameters, "
+                        f"this policy {self.layout.total}"
+                    )
+                src = torch.from_numpy(np.ascontiguousarray(flat[: self.layout.total]))
+                ref_flat[: self.layout.total].copy_(src)
+            ref.requires_grad_(False)
+            ref.eval()
+            self._reference = ref
+
+    @property
+    def has_reference(self) -> bool:
+        return self._reference is not None
+
     def behaviour_clone(
         self, demos: Episodes, epochs: int | None = None, seconds: float | None = None
     ) -> BCStats:
@@ -551,7 +580,7 @@ class Learner:
         )
         rows = np.flatnonzero(adv.keep[episodes.episode])
         ids = self.tokenizer.encode_batch(episodes.instructions)
-        stats = dict(loss=0.0, clip=0.0, kl=0.0, ent=0.0, gn=0.0)
+        stats = dict(loss=0.0, clip=0.0, kl=0.0, ent=0.0, gn=0.0, kl_ref=0.0)
         n_mb = 0
         self.model.train()
         for _ in range(cfg.epochs if len(rows) else 0):
@@ -578,6 +607,15 @@ class Learner:
                         weight=weight,
                     )
                     loss = cfg.pg_coef * parts.loss
+                    reference = self._reference
+                    if reference is not None and cfg.rl_kl_coef > 0:
+                        with torch.no_grad():
+                            ref_logits = reference(t["images"], t["proprio"], t["ids"])
+                        kl_ref = reference_kl(
+                            logits, ref_logits, temperature=cfg.temperature, weight=weight
+                        )
+                        loss = loss + cfg.rl_kl_coef * kl_ref
+                        stats["kl_ref"] += float(kl_ref.detach())
                     if aux is not None and cfg.rl_aux_coef > 0:
                         state = t["state"]
                         if weight is None:
@@ -629,4 +667,5 @@ class Learner:
             entropy=stats["ent"] / d,
             grad_norm=stats["gn"] / d,
             seconds=time.perf_counter() - t0,
+            kl_ref=stats["kl_ref"] / d,
         )

@@ -162,6 +162,20 @@ def checkpoint_learner(
     )
 
 
+def resume_reference(learner: Learner, run_dir: Path) -> str:
+    """On resume, the KL reference (``rl_kl_coef``) is the run's warm start again: the
+    ``warmstart`` checkpoint in ``run_dir`` (both trainers write one after cloning). Without
+    one, the resumed weights stand in. Returns what was used, for the log."""
+    if learner.cfg.rl_kl_coef <= 0:
+        return "none"
+    path = run_dir / "warmstart.json"
+    if path.exists():
+        learner.set_reference(load_checkpoint(path).flat)
+        return str(path)
+    learner.set_reference()
+    return "the resumed weights (no warmstart checkpoint)"
+
+
 def make_run_dir(root: Path, name: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = root / f"{stamp}-{name}"
@@ -230,6 +244,7 @@ class SerialTrainer:
                     learner.flat[: ck.layout.total].copy_(torch.from_numpy(ck.flat))
                     restore_moments(learner.optimizer, model, learner.layout, ck.optimizer)
                     learner.version = int(ck.meta["version"])
+                    resume_reference(learner, self.resume.parent)
                     bc_seconds = 0.0
                 else:
                     demos = collect_demos(shards, cfg, rng)
@@ -238,6 +253,7 @@ class SerialTrainer:
                     env_steps += demos.num_steps
                     bc = learner.behaviour_clone(demos)
                     learner.set_anchor(demos)
+                    learner.set_reference()
                     bc_seconds = now()
                     self._log(
                         log,
@@ -305,6 +321,7 @@ class SerialTrainer:
                         "loss": up.loss,
                         "clip_fraction": up.clip_fraction,
                         "approx_kl": up.approx_kl,
+                        "kl_ref": up.kl_ref,
                         "entropy": up.entropy,
                         "grad_norm": up.grad_norm,
                         "groups": up.groups,

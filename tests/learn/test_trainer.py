@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
+from dvla_bus.errors import ConfigError
 from dvla_nodes.learn import (
     Learner,
     SerialTrainer,
@@ -100,6 +103,8 @@ def test_kl_reference_is_the_warm_start_and_survives_resume(tmp_path: Path) -> N
         want = torch.from_numpy(warm.flat[e.offset : e.offset + e.numel]).view(e.shape)
         torch.testing.assert_close(ref.get_parameter(e.name).detach(), want)
     assert not torch.equal(torch.from_numpy(final.flat), torch.from_numpy(warm.flat))
+    with pytest.raises(ConfigError, match="reference weights have 3 parameters"):
+        learner.set_reference(np.zeros(3, np.float32))
     # Without a warm-start checkpoint the resumed weights stand in; without the term, nothing.
     assert "no warmstart" in resume_reference(learner, tmp_path)
     plain = Learner(*build_policy(image_size=32, bins=16, stem=cfg.policy_stem), _tiny())

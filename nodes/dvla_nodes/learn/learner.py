@@ -493,13 +493,12 @@ class Learner:
             ref = copy.deepcopy(self.model)
             _, ref_flat = flatten(ref)  # its own buffer, on the policy's device
             if flat is not None:
-                if flat.size < self.layout.total:
+                if flat.shape != (self.layout.total,):
                     raise ConfigError(
                         f"reference weights have {flat.size} parameters, "
                         f"this policy {self.layout.total}"
                     )
-                src = torch.from_numpy(np.ascontiguousarray(flat[: self.layout.total]))
-                ref_flat[: self.layout.total].copy_(src)
+                ref_flat.copy_(torch.from_numpy(np.ascontiguousarray(flat)))  # casts
             ref.requires_grad_(False)
             ref.eval()
             self._reference = ref

@@ -143,6 +143,14 @@ def test_padded_minibatches_train_exactly_like_unpadded_ones() -> None:
     assert s0.steps == s1.steps
 
 
+def _small(**kw: object) -> TrainConfig:
+    """The GRPO tests' toy configuration (32-px images, 32 bins, groups of 4, one minibatch)."""
+    base: dict[str, object] = dict(
+        seed=3, bins=32, image_size=32, group_size=4, lr=1e-3, minibatch=4096, torch_threads=1
+    )
+    return TrainConfig.from_json({**base, **kw})
+
+
 def _batch(cfg: TrainConfig) -> tuple[Learner, PolicyActor, Episodes]:
     model, tok = build_policy(image_size=cfg.image_size, bins=cfg.bins, seed=cfg.seed)
     learner = Learner(model, tok, cfg)
@@ -171,17 +179,7 @@ def _mean_logp(learner: Learner, eps: Episodes, rows: np.ndarray) -> float:
 
 
 def test_update_raises_log_prob_of_better_episodes_and_lowers_worse() -> None:
-    cfg = TrainConfig(
-        seed=3,
-        bins=32,
-        image_size=32,
-        group_size=4,
-        lr=1e-3,
-        epochs=4,
-        minibatch=4096,
-        shaping_coef=10.0,
-        torch_threads=1,
-    )
+    cfg = _small(epochs=4, shaping_coef=10.0)
     torch.set_num_threads(1)
     learner, _, eps = _batch(cfg)
     adv = group_advantages(episode_rewards(eps, cfg), eps.group).advantage
@@ -289,9 +287,7 @@ def test_noisy_demonstrations_do_not_depend_on_the_environment_layout() -> None:
 def test_pg_coef_zero_leaves_an_update_blind_to_rewards() -> None:
     # The ablation knob: without the policy-gradient term the update (anchor and auxiliary loss
     # still on) is the same whatever the rewards; with it, inverted rewards move it elsewhere.
-    cfg = TrainConfig(
-        seed=3, bins=32, image_size=32, group_size=4, lr=1e-3, minibatch=4096, torch_threads=1
-    )
+    cfg = _small()
     torch.set_num_threads(1)
     learner, _, eps = _batch(cfg)
     with VectorEnv(4, image_size=32) as env:
@@ -336,19 +332,7 @@ def test_reference_kl_is_the_exact_divergence_over_bins() -> None:
 def test_kl_to_the_reference_pulls_a_drifted_policy_back() -> None:
     # Only the KL term trains (no policy gradient, no auxiliary loss): a policy pushed away
     # from its frozen reference moves back towards it, update after update.
-    cfg = TrainConfig(
-        seed=3,
-        bins=32,
-        image_size=32,
-        group_size=4,
-        lr=1e-3,
-        minibatch=4096,
-        torch_threads=1,
-        pg_coef=0.0,
-        rl_aux_coef=0.0,
-        rl_kl_coef=1.0,
-        max_version_lag=100,
-    )
+    cfg = _small(pg_coef=0.0, rl_aux_coef=0.0, rl_kl_coef=1.0, max_version_lag=100)
     torch.set_num_threads(1)
     learner, _, eps = _batch(cfg)
     learner.set_reference()

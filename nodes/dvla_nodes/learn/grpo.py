@@ -64,6 +64,15 @@ class LossParts:
     entropy: float
 
 
+def token_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of per-token ``values`` (T, A) over the rows whose ``weight`` (T,) is 1 (all rows
+    when ``weight`` is None): how every GRPO loss term and statistic skips padding rows."""
+    if weight is None:
+        return values.mean()
+    w = weight.to(values.dtype)[:, None]
+    return (values * w).sum() / (w.sum() * values.shape[1]).clamp_min(1.0)
+
+
 def clipped_objective(
     logp_new: torch.Tensor,
     logp_old: torch.Tensor,
@@ -110,18 +119,10 @@ def grpo_loss(
     with torch.no_grad():
         log_ratio = logp_new - logp_old
         kl_rows = (log_ratio.exp() - 1.0) - log_ratio
-    if weight is None:
-        policy_loss = per_token.mean()
-        entropy = ent_rows.mean()
-        approx_kl = kl_rows.mean()
-        clip_fraction = was_clipped.float().mean()
-    else:
-        w = weight.to(per_token.dtype)[:, None]
-        denom = (w.sum() * per_token.shape[1]).clamp_min(1.0)
-        policy_loss = (per_token * w).sum() / denom
-        entropy = (ent_rows * w).sum() / denom
-        approx_kl = (kl_rows * w).sum() / denom
-        clip_fraction = (was_clipped.float() * w).sum() / denom
+    policy_loss = token_mean(per_token, weight)
+    entropy = token_mean(ent_rows, weight)
+    approx_kl = token_mean(kl_rows, weight)
+    clip_fraction = token_mean(was_clipped.float(), weight)
     loss = policy_loss - entropy_coef * entropy
     return LossParts(
         loss=loss,
@@ -144,8 +145,4 @@ def reference_kl(
     no gradient needed); ``weight`` (T,) as in :func:`grpo_loss`."""
     logp = torch.log_softmax(logits / temperature, dim=-1)
     logq = torch.log_softmax(ref_logits / temperature, dim=-1)
-    per_token = (logp.exp() * (logp - logq)).sum(-1)  # (T, A)
-    if weight is None:
-        return per_token.mean()
-    w = weight.to(per_token.dtype)[:, None]
-    return (per_token * w).sum() / (w.sum() * per_token.shape[1]).clamp_min(1.0)
+    return token_mean((logp.exp() * (logp - logq)).sum(-1), weight)

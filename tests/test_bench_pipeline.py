@@ -208,3 +208,16 @@ def test_bench_pipeline_command_measures_both_modes(short_tmp: Path) -> None:
     assert math.isclose(e["ratio_env_steps_per_s"], asy["env_steps_per_s"] / ser["env_steps_per_s"])
     assert doc["cheetah"] == {"skipped": "--no-cheetah"}
     assert "async ÷ serialized" in proc.stdout
+
+
+def test_bench_pipeline_rounds_zero_skips_the_embedded_comparison(short_tmp: Path) -> None:
+    out = short_tmp / "r.json"
+    args = ("bench", "pipeline", "--no-cheetah", "--runs-dir", str(short_tmp), "--json", str(out))
+    proc = dvla(*args, "--rounds", "0", timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["embedded"] == {"skipped": "--rounds 0"}
+    assert "async ÷ serialized" not in proc.stdout
+    bad = dvla(*args, "--rounds", "-1", timeout=60)
+    assert bad.returncode == 2
+    assert "--rounds -1" in bad.stderr

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dvla_bus.errors import ConfigError
+from dvla_nodes.learn.config import TrainConfig
 from dvla_nodes.learn.rollout import Episodes
 from dvla_nodes.pipeline import (
     episodes_from_arrays,
@@ -246,7 +247,9 @@ def test_serial_mode_then_resume_continues_versions(short_tmp: Path) -> None:
     ``dvla up --resume RUN_DIR --minutes N`` then continues that run in separate processes from
     its final checkpoint: no second warm start, versions continue, and the KL reference is the
     run's warm start again."""
-    topo = _pipeline_topology(short_tmp, "minutes = 5.0\neval_every = 0\nrl_kl_coef = 0.5")
+    topo = _pipeline_topology(
+        short_tmp, "minutes = 5.0\neval_every = 0\nrl_kl_coef = 0.5\nlr_anneal = 0.5"
+    )
     args = ["up", str(topo), "--run-dir", str(short_tmp), "--status-every", "0", "--serial"]
     up = spawn([*args, "--minutes", "0.3"], short_tmp / "up.out")
     try:
@@ -280,6 +283,11 @@ def test_serial_mode_then_resume_continues_versions(short_tmp: Path) -> None:
     assert resumed
     assert resumed[0]["iteration"] == first["step"] + 1
     assert all("kl_ref" in r for r in records if r["kind"] == "train")
+    # The learning rate anneals with the learner's clock: below the warm-up's, by at most half.
+    cfg = TrainConfig.from_json(second["config"])
+    for r in (r for r in records if r["kind"] == "train"):
+        share = r["lr"] / (cfg.lr * min(1.0, r["iteration"] / cfg.lr_warmup))
+        assert 0.5 - 1e-9 <= share < 1.0, r
     log = (short_tmp / "logs" / "learner.h.0.log").read_text()
     assert f"KL reference: {short_tmp / 'warmstart.json'}" in log, log[-3000:]
 

@@ -473,7 +473,8 @@ class LearnerNode(Node):
             pending = []
             iterations += 1
             env_steps += batch.num_steps
-            self.learner.set_lr(t.lr * min(1.0, iterations / max(1, t.lr_warmup)))
+            lr = t.grpo_lr(iterations, now())
+            self.learner.set_lr(lr)
             before = self.learner.version
             with self.lanes.busy("gradient"):
                 up = await self.torch.run(self.learner.update, batch)
@@ -494,6 +495,7 @@ class LearnerNode(Node):
                     "success_by_task": batch.success_by_task(),
                     "reward": float(episode_rewards(batch, t).mean()),
                     "loss": up.loss,
+                    "lr": lr,
                     "kl_ref": up.kl_ref,
                     "groups": up.groups,
                     "skipped_groups": up.skipped_groups,

@@ -349,3 +349,19 @@ def test_kl_to_the_reference_pulls_a_drifted_policy_back() -> None:
     assert plain.update(eps).kl_ref == 0.0
     with pytest.raises(ConfigError, match="rl_kl_coef"):
         TrainConfig(rl_kl_coef=-0.1)
+
+
+def test_grpo_lr_warms_up_then_anneals_as_the_budget_is_spent() -> None:
+    flat = TrainConfig(lr=1e-3, lr_warmup=4, minutes=10.0, iterations=1000)
+    assert flat.grpo_lr(1, 0.0) == pytest.approx(2.5e-4)  # warm-up: 1/4
+    assert flat.grpo_lr(4, 0.0) == pytest.approx(1e-3)
+    assert flat.grpo_lr(900, 590.0) == pytest.approx(1e-3)  # lr_anneal 0: constant
+    cfg = flat.replace(lr_anneal=0.9)
+    assert cfg.grpo_lr(4, 0.0) == pytest.approx(1e-3 * (1 - 0.9 * 0.004))  # 4 of 1000 updates
+    assert cfg.grpo_lr(10, 300.0) == pytest.approx(1e-3 * (1 - 0.9 * 0.5))  # half the minutes
+    assert cfg.grpo_lr(750, 60.0) == pytest.approx(1e-3 * (1 - 0.9 * 0.75))  # or the updates
+    assert cfg.grpo_lr(10, 6000.0) == pytest.approx(1e-4)  # past the budget: lr x (1 - 0.9)
+    assert flat.replace(lr_anneal=1.0).grpo_lr(1000, 0.0) == 0.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="lr_anneal"):
+            TrainConfig(lr_anneal=bad)

@@ -65,6 +65,9 @@ def test_serial_run_writes_the_run_directory(tmp_path: Path) -> None:
     assert seen[0] == "bc"
     assert seen[-1] == "final"
     assert seen.count("train") == 3
+    tiny = _tiny()
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert lrs == pytest.approx([tiny.lr * k / tiny.lr_warmup for k in (1, 2, 3)])  # warm-up
     assert (tmp_path / "run" / "success.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res.iterations == 3
     assert res.final.episodes == 4

@@ -102,6 +102,9 @@ class TrainConfig:
     # 0 % or 100 % in the mix (shaping still ranks their episodes).
     task_floor: float = 0.15
     lr_warmup: int = 20  # iterations of linear learning-rate warm-up (fresh Adam moments)
+    # Linear learning-rate annealing, as CleanRL's PPO (anneal_lr): the GRPO rate falls by this
+    # fraction of lr as the budget is spent (0: constant; 1: to zero at the end). See grpo_lr.
+    lr_anneal: float = 0.0
 
     # Budget and evaluation
     iterations: int = 1_000_000
@@ -136,12 +139,26 @@ class TrainConfig:
             raise ConfigError(f"temperature={self.temperature}: must be > 0")
         if self.rl_kl_coef < 0:
             raise ConfigError(f"rl_kl_coef={self.rl_kl_coef}: must be >= 0")
+        if not 0.0 <= self.lr_anneal <= 1.0:
+            raise ConfigError(f"lr_anneal={self.lr_anneal}: must be in [0, 1]")
         if self.pg_coef < 0:
             raise ConfigError(f"pg_coef={self.pg_coef}: must be >= 0")
         if self.update_threads < 0:
             raise ConfigError(f"update_threads={self.update_threads}: must be >= 0")
         if self.bins < 2:
             raise ConfigError(f"bins={self.bins}: need at least 2")
+
+    def grpo_lr(self, iteration: int, elapsed_s: float) -> float:
+        """The learning rate of GRPO update ``iteration`` (1-based) made ``elapsed_s`` into the
+        run's clock (the one its ``minutes`` budget is read against): a linear warm-up over
+        ``lr_warmup`` updates, then, with ``lr_anneal`` > 0, a linear fall by ``lr_anneal`` x
+        ``lr`` as the budget is spent — ``iterations`` or ``minutes``, whichever runs out
+        first, so a wall-clock run anneals by time and a run of fixed length by updates."""
+        warm = min(1.0, iteration / max(1, self.lr_warmup))
+        budget_s = self.minutes * 60.0
+        by_time = elapsed_s / budget_s if budget_s > 0 else 1.0
+        spent = max(iteration / max(1, self.iterations), by_time)
+        return self.lr * warm * (1.0 - self.lr_anneal * min(1.0, max(0.0, spent)))
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

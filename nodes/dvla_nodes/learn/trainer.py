@@ -304,7 +304,8 @@ class SerialTrainer:
                     by_task = eps.success_by_task()
                     for t, s in by_task.items():
                         recent[t] = 0.7 * recent[t] + 0.3 * s
-                    learner.set_lr(cfg.lr * min(1.0, it / max(1, cfg.lr_warmup)))
+                    lr = cfg.grpo_lr(it, now())
+                    learner.set_lr(lr)
                     up = learner.update(eps)
                     record = {
                         "kind": "train",
@@ -319,6 +320,7 @@ class SerialTrainer:
                         "steps_per_second": eps.num_steps / max(roll_s, 1e-9),
                         "update_seconds": up.seconds,
                         "loss": up.loss,
+                        "lr": lr,
                         "clip_fraction": up.clip_fraction,
                         "approx_kl": up.approx_kl,
                         "kl_ref": up.kl_ref,

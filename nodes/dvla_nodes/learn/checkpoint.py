@@ -36,17 +36,18 @@ class Checkpoint:
     optimizer: dict[str, np.ndarray]  # flat moment buffers ("exp_avg", "exp_avg_sq"), may be empty
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def _write_temp(path: Path, write: Any) -> str:
+    """A complete, fsynced temporary file beside ``path`` (removed if writing fails)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
 
 
 def _sha256(path: Path) -> str:
@@ -118,20 +119,32 @@ def save_checkpoint(
     for k, v in (optimizer or {}).items():
         tensors[f"optim.{k}"] = np.ascontiguousarray(v)
     st_path = directory / f"{name}.safetensors"
-    _atomic_write(st_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    doc = {
-        "format": FORMAT,
-        "weights": st_path.name,
-        "sha256": _sha256(st_path),
-        "layout": layout.to_json(),
-        **meta,
-    }
     json_path = directory / f"{name}.json"
+    st_tmp = _write_temp(st_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    json_tmp = ""
+    try:
+        doc = {
+            "format": FORMAT,
+            "weights": st_path.name,
+            "sha256": _sha256(Path(st_tmp)),
+            "layout": layout.to_json(),
+            **meta,
+        }
 
-    def write_json(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(doc, indent=1, sort_keys=True))
+        def write_json(tmp: str) -> None:
+            Path(tmp).write_text(json.dumps(doc, indent=1, sort_keys=True))
 
-    _atomic_write(json_path, write_json)
+        json_tmp = _write_temp(json_path, write_json)
+        # Both files are complete on disk before either replaces the old pair, so a kill can
+        # tear the pair only between these two renames (it used to be able to between the
+        # tensors' rename and the JSON's checksum, write and fsync). Not atomic as a pair yet.
+        os.replace(st_tmp, st_path)
+        os.replace(json_tmp, json_path)
+    except BaseException:
+        for tmp in (st_tmp, json_tmp):
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
+        raise
     return json_path
 
 

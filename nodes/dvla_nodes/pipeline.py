@@ -51,7 +51,12 @@ from dvla_bus.node import Node
 from dvla_bus.sockets import open_context
 from dvla_bus.transport import Delivery, Inbox, Outbox, open_outbox
 from dvla_bus.weights import Manifest, WeightPool, WeightReader, attach_weights, create_weight_pool
-from dvla_nodes.learn.checkpoint import Checkpoint, load_checkpoint, restore_moments
+from dvla_nodes.learn.checkpoint import (
+    Checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    restore_moments,
+)
 from dvla_nodes.learn.config import DEMO_SEED_BASE, EVAL_SEED_BASE, TrainConfig
 from dvla_nodes.learn.learner import Learner, episode_rewards
 from dvla_nodes.learn.metrics import MetricsLog, plot_success, read_metrics
@@ -360,8 +365,8 @@ class LearnerNode(Node):
         learner the supervisor restarted, or a job started with ``dvla up --resume``."""
         best: Checkpoint | None = None
         for name in ("latest", "final"):
-            path = self.config.run_dir / f"{name}.json"
-            if not path.exists():
+            path = find_checkpoint(self.config.run_dir, name)
+            if path is None:
                 continue
             ck = load_checkpoint(path)
             key = (int(ck.meta["version"]), int(ck.meta["step"]))

@@ -108,3 +108,106 @@ def test_config_json_round_trip_and_validation() -> None:
         TrainConfig(tasks=("fly-to-the-moon",))
     with pytest.raises(ConfigError):
         TrainConfig(group_size=1)
+
+
+def test_a_kill_between_the_two_files_keeps_the_new_checkpoint_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The safetensors file is the commit: a save killed after it and before its JSON copy
+    leaves the new weights with their own metadata (the JSON one save behind), never new
+    weights with old metadata (which a restarted learner once refused as corrupt)."""
+    _, layout, flat, _ = _trained(0)
+    save_checkpoint(tmp_path, "latest", flat, layout=layout, meta={"version": 1, "step": 1})
+    with torch.no_grad():
+        flat.add_(1.0)
+    real = ckmod._write_temp
+
+    class Killed(BaseException):
+        pass
+
+    def write_temp(path: Path, write: object) -> Path:
+        if path.suffix == ".json":
+            raise Killed
+        return real(path, write)
+
+    monkeypatch.setattr(ckmod, "_write_temp", write_temp)
+    with pytest.raises(Killed):
+        save_checkpoint(tmp_path, "latest", flat, layout=layout, meta={"version": 2, "step": 2})
+    assert json.loads((tmp_path / "latest.json").read_text())["version"] == 1
+    ck = load_checkpoint(tmp_path / "latest.json")
+    assert (ck.meta["version"], ck.meta["step"]) == (2, 2)
+    np.testing.assert_array_equal(ck.flat, flat.numpy())
+    assert ckmod.checkpoint_meta(tmp_path / "latest.json")["version"] == 2
+    # Killed before the first JSON was ever written: the safetensors file alone is found.
+    (tmp_path / "latest.json").unlink()
+    found = ckmod.find_checkpoint(tmp_path, "latest")
+    assert found == tmp_path / "latest.safetensors"
+    assert load_checkpoint(found).meta["version"] == 2
+    assert ckmod.find_checkpoint(tmp_path, "final") is None
+
+
+_SAVER = """
+import sys
+from pathlib import Path
+import numpy as np
+from dvla_nodes.learn.checkpoint import save_checkpoint
+from dvla_nodes.policy.flat import FlatLayout, ParamEntry
+
+n = 1 << 19
+layout = FlatLayout((ParamEntry("w", "float32", (n,), 0, n),), n)
+directory, start = Path(sys.argv[1]), int(sys.argv[2])
+for version in range(start, start + 100_000):
+    flat = np.full(n, version, np.float32)
+    save_checkpoint(directory, "latest", flat, layout=layout, meta={"version": version, "step": 0})
+"""
+
+
+def test_sigkill_at_any_moment_of_saving_leaves_a_loadable_matching_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """A real process saving as fast as it can, SIGKILLed five times at arbitrary moments:
+    each time the newest checkpoint loads, its weights are the ones its metadata names, and
+    the next save clears the temporary files the kill left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import wait_for
+
+    start = 0
+    for _ in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SAVER, str(tmp_path), str(start)],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        try:
+
+            def saved_a_few(first: int = start) -> bool:
+                # Any error reading here is the bug this test hunts (renames are atomic).
+                found = ckmod.find_checkpoint(tmp_path, "latest")
+                return found is not None and ckmod.checkpoint_meta(found)["version"] >= first + 3
+
+            wait_for(saved_a_few, timeout=60, what="three saves")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        found = ckmod.find_checkpoint(tmp_path, "latest")
+        assert found is not None
+        ck = load_checkpoint(found)
+        version = int(ck.meta["version"])
+        assert version >= start + 3
+        np.testing.assert_array_equal(ck.flat, np.full(ck.flat.shape, version, np.float32))
+        start = version + 1
+    layout = FlatLayout.from_json(json.loads((tmp_path / "latest.json").read_text())["layout"])
+    save_checkpoint(
+        tmp_path,
+        "latest",
+        np.zeros(layout.total, np.float32),
+        layout=layout,
+        meta={"version": start},
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "latest.safetensors"]

@@ -100,15 +100,17 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, wire.Scalar]]:
 
 def _resume_point(run_dir: Path) -> dict[str, Any]:
     """The metadata of the newest checkpoint in ``run_dir`` (exit 2 if there is none)."""
+    from dvla_nodes.learn.checkpoint import checkpoint_meta, find_checkpoint
+
     best: dict[str, Any] | None = None
     for name in ("latest", "final"):
-        path = run_dir / f"{name}.json"
-        if not path.exists():
+        path = find_checkpoint(run_dir, name)
+        if path is None:
             continue
         try:
-            meta = json.loads(path.read_text())
+            meta = checkpoint_meta(path)
             key = (int(meta["version"]), int(meta["step"]))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: not a dvla checkpoint: {exc}") from None
         if best is None or key > (int(best["version"]), int(best["step"])):
             best = meta

@@ -239,9 +239,12 @@ class TrainingJob:
         return out
 
     def checkpoint_version(self, name: str = "latest") -> int | None:
-        """The version in ``<name>.json`` of the run directory, None when there is none."""
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            return int(json.loads((self.run_dir / f"{name}.json").read_text())["version"])
+        """The version of checkpoint ``<name>`` in the run directory, None when there is none."""
+        from dvla_nodes.learn.checkpoint import checkpoint_meta, find_checkpoint
+
+        path = find_checkpoint(self.run_dir, name)
+        with contextlib.suppress(ConfigError, ValueError, KeyError, TypeError):
+            return None if path is None else int(checkpoint_meta(path)["version"])
         return None
 
     def output(self) -> str:

@@ -5,8 +5,10 @@
 * A child that exits 0 is *done* and stays down; so is one that exits non-zero after recording
   that it was stopping on purpose (its teardown overran the grace period after a stop command or
   after its work was done: restarting it would only fail once the job is gone). One that exits
-  2 (bad configuration: it would fail the same way again) is *failed* and stays down. When no
-  child is left to run, the supervisor returns.
+  2 (bad configuration: it would fail the same way again) is *failed* and stays down, and by
+  default (``stop_on_failure``) the supervisor then stops every other child and returns 1: a
+  job that goes on without one of its nodes (say, a learner that cannot load its checkpoint)
+  would only hang with its samplers waiting. When no child is left to run, it returns.
 * Stopping sends SIGTERM to every child, waits up to ``grace`` seconds, then SIGKILLs what is
   left and reaps everything: no orphans.
 * Shared memory of dead processes is reaped at start, right after any child dies, and every
@@ -87,8 +89,10 @@ class Supervisor:
         reap_every: float = 5.0,
         on_event: EventFn | None = None,
         run_dir: Path | None = None,
+        stop_on_failure: bool = True,
     ) -> None:
         self._children = [_Child(s) for s in specs]
+        self.stop_on_failure = stop_on_failure
         self.run_dir = run_dir
         self.grace = grace
         self.backoff_initial = backoff_initial
@@ -196,7 +200,8 @@ class Supervisor:
         return found
 
     async def run(self, stop: asyncio.Event) -> int:
-        """Supervise until ``stop`` is set or no child is left to run; then stop the children.
+        """Supervise until ``stop`` is set, no child is left to run, or (``stop_on_failure``)
+        a child failed for good; then stop the children.
 
         Returns 0 if every child that ended on its own finished cleanly, else 1."""
         try:
@@ -219,6 +224,16 @@ class Supervisor:
                         child.restarts += 1
                         self._start(child)
                 if all(c.state in ("done", "failed") for c in self._children):
+                    break
+                failed = [c.spec.name for c in self._children if c.state == "failed"]
+                if failed and self.stop_on_failure:
+                    left = [c.spec.name for c in self._children if c.state != "done"]
+                    left = [n for n in left if n not in failed]
+                    if left:
+                        self._on_event(
+                            f"stopping the job: {', '.join(failed)} cannot run (configuration "
+                            f"error), so {', '.join(left)} would wait for it forever"
+                        )
                     break
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.poll_interval)

@@ -4,6 +4,7 @@ the learner ends the job, and the lanes' trace is merged with utilisation and ov
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -188,6 +189,20 @@ def test_learner_and_sampler_train_as_separate_processes(short_tmp: Path) -> Non
     assert "trace.json written" in out
 
 
+def _evidence(run_dir: Path, endpoint: str) -> str:
+    """What a hung job's failure message shows: the hub's members (if it still answers), the
+    supervisor's output and every node log's tail."""
+    try:
+        hub: object = members_by_node(hub_status(endpoint, timeout=3.0))
+    except Exception as exc:  # the hub may be gone: report that, not a second error
+        hub = f"no answer ({exc})"
+    parts = [f"hub: {hub}"]
+    for path in [run_dir / "up.out", *sorted((run_dir / "logs").glob("*.log"))]:
+        with contextlib.suppress(OSError):
+            parts.append(f"--- {path.name} ---\n{path.read_text()[-2500:]}")
+    return "\n".join(parts)
+
+
 def test_killed_learner_resumes_from_its_last_checkpoint(short_tmp: Path) -> None:
     """kill -9 the learner mid-run: the supervisor restarts it, it loads ``latest`` (no second
     warm start), version numbers keep rising past every version published before the kill,
@@ -220,12 +235,8 @@ def test_killed_learner_resumes_from_its_last_checkpoint(short_tmp: Path) -> Non
         try:
             code = up.wait(timeout=45)  # ~10 s normally; fail with the evidence, not a timeout
         except subprocess.TimeoutExpired:
-            logs = short_tmp / "logs"
-            tails = {p.name: p.read_text()[-1500:] for p in sorted(logs.glob("*.log"))}
-            pytest.fail(
-                f"the job did not finish after the learner's restart\nhub: "
-                f"{members_by_node(hub_status(endpoint))}\nlogs: {tails}"
-            )
+            evidence = _evidence(short_tmp, endpoint)
+            pytest.fail(f"the job did not finish after the learner's restart\n{evidence}")
         assert code == 0, (short_tmp / "up.out").read_text()[-3000:]
     finally:
         stop(up)
@@ -240,6 +251,37 @@ def test_killed_learner_resumes_from_its_last_checkpoint(short_tmp: Path) -> Non
     assert after[0]["iteration"] >= 3
     assert records[-1]["kind"] == "final"
     assert json.loads((short_tmp / "final.json").read_text())["version"] > before
+
+
+def test_a_learner_that_cannot_resume_ends_the_job_with_an_error(short_tmp: Path) -> None:
+    """``--resume`` from a checkpoint whose weights are corrupt: the learner exits 2 naming the
+    file, the supervisor does not restart it, and ``dvla up`` stops the coordinator and the
+    sampler and exits non-zero instead of leaving them waiting for a learner that never comes."""
+    from dvla_nodes.learn.checkpoint import save_checkpoint
+    from dvla_nodes.policy.flat import FlatLayout, ParamEntry
+
+    n = 64
+    layout = FlatLayout((ParamEntry("w", "float32", (n,), 0, n),), n)
+    meta = {"version": 3, "step": 2, "config": TrainConfig().to_json(), "metrics": {"elapsed": 1.0}}
+    save_checkpoint(short_tmp, "latest", np.ones(n, np.float32), layout=layout, meta=meta)
+    weights = short_tmp / "latest.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the tensor data: the header still reads
+    weights.write_bytes(bytes(data))
+    topo = _pipeline_topology(short_tmp, "minutes = 1.0\neval_every = 0")
+    up = spawn(
+        ["up", str(topo), "--resume", str(short_tmp), "--status-every", "0"], short_tmp / "up.out"
+    )
+    try:
+        code = up.wait(timeout=90)
+    finally:
+        stop(up)
+    out = (short_tmp / "up.out").read_text()
+    assert code == 1, out[-3000:]
+    assert "learner.h.0 exited 2 (configuration error)" in out, out[-3000:]
+    assert "stopping the job: learner.h.0 cannot run" in out, out[-3000:]
+    log = (short_tmp / "logs" / "learner.h.0.log").read_text()
+    assert "latest.safetensors: checksum" in log, log[-3000:]
 
 
 def test_serial_mode_then_resume_continues_versions(short_tmp: Path) -> None:

@@ -12,13 +12,20 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import members_by_node, spawn, stop, wait_for, wait_status, write_topology
+from tests.helpers import (
+    members_by_node,
+    spawn,
+    stop,
+    wait_for,
+    wait_status,
+    write_topology,
+)
 
 GRACE = 3.0
 
 
 class Up:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, grace: float = GRACE) -> None:
         self.root = root
         self.topology = write_topology(
             root / "t.toml",
@@ -34,7 +41,7 @@ class Up:
                 "--run-dir",
                 str(root),
                 "--grace",
-                str(GRACE),
+                str(grace),
                 "--status-every",
                 "0",
                 "--backoff-max",
@@ -125,6 +132,52 @@ def test_sigterm_stops_every_child_within_the_grace_period(up: Up) -> None:
     assert not (up.root / "c.sock").exists()
 
 
+def test_a_stop_for_everyone_ends_the_job_and_the_hub_outlives_its_members(
+    short_tmp: Path,
+) -> None:
+    """``stop`` to ``*`` (how a learner ends its job) reaches the coordinator too. Its hub must
+    stay up until the others have left: a hub that closed at once could drop the copies still
+    queued for them, and a node that missed the stop would hold the job open without a hub.
+    Here a member that is slow to leave still finds the hub answering after every other node
+    has exited, and its leave is logged."""
+    import asyncio
+
+    from dvla_bus import wire
+    from dvla_bus.control import JoinInfo, open_control_client
+
+    up = Up(short_tmp, grace=10.0)
+    try:
+        up.wait_running()
+        nodes = up.children()
+        others = [nodes["producer"], nodes["consumer"]]
+
+        async def slow_member() -> None:
+            got_stop = asyncio.Event()
+
+            def on_message(msg: wire.Message) -> None:
+                if isinstance(msg, wire.Command) and msg.command == "stop":
+                    got_stop.set()
+
+            join = JoinInfo(node="slow.h.0", role="observer", host="h", index=0)
+            async with open_control_client(up.endpoint, join, on_message=on_message) as client:
+                await asyncio.wait_for(client.joined.wait(), 10)
+                assert await client.send(wire.Command(command="stop", target="*"))
+                await asyncio.wait_for(got_stop.wait(), 10)
+                _gone, alive = await asyncio.to_thread(psutil.wait_procs, others, timeout=8)
+                assert not alive, "the producer and consumer did not stop"
+                status = await client.query(timeout=3.0)  # the hub waits for this member
+                assert "slow.h.0" in {m.node for m in status.members}
+
+        asyncio.run(slow_member())
+        assert up.proc.wait(timeout=20) == 0, up.output()[-3000:]
+    finally:
+        stop(up.proc, timeout=15)
+    log = (short_tmp / "logs" / "coordinator.h.0.log").read_text()
+    for node in ("producer.h.0", "consumer.h.0", "slow.h.0"):
+        assert f"hub: {node} left" in log, log[-3000:]
+    assert "still hold" not in log
+
+
 def test_sigkill_of_the_supervisor_leaves_no_orphans(up: Up) -> None:
     up.wait_running()
     kids = list(up.children().values())
@@ -208,3 +261,45 @@ def test_node_that_stopped_on_purpose_is_not_restarted_even_if_shutdown_overran(
     assert by_name["crash.h.0"].restarts >= 2
     assert any("stopped on purpose" in e for e in events), events
     assert not list((short_tmp / "exits").iterdir())  # markers are consumed
+
+
+def test_a_node_that_fails_for_good_stops_the_job(short_tmp: Path) -> None:
+    """A child that exits 2 (configuration error) is not restarted, and the supervisor then
+    stops the others and returns 1 instead of supervising a job that cannot go on (the
+    samplers of a learner that cannot start would wait forever)."""
+    import asyncio
+    import sys
+
+    from dvla_bus.deploy import ChildSpec
+    from dvla_bus.supervisor import Supervisor
+
+    waiter = "import time\nwhile True: time.sleep(0.1)"
+    specs = [
+        ChildSpec(
+            "bad.h.0",
+            "x",
+            (sys.executable, "-c", "import sys; sys.exit(2)"),
+            {},
+            short_tmp / "bad.log",
+        ),
+        ChildSpec("wait.h.0", "y", (sys.executable, "-c", waiter), {}, short_tmp / "wait.log"),
+    ]
+    events: list[str] = []
+    sup = Supervisor(specs, grace=2.0, on_event=events.append, run_dir=short_tmp)
+
+    async def supervise() -> int:
+        stop = asyncio.Event()
+        task = asyncio.create_task(sup.run(stop))
+        done, _ = await asyncio.wait([task], timeout=30)
+        if not done:  # the bug: supervising on without the failed node
+            stop.set()
+            await task
+            pytest.fail(f"the supervisor kept the job running: {events}")
+        return task.result()
+
+    assert asyncio.run(supervise()) == 1
+    by_name = {s.name: s for s in sup.status()}
+    assert (by_name["bad.h.0"].state, by_name["bad.h.0"].restarts) == ("failed", 0)
+    assert by_name["wait.h.0"].state == "stopped"
+    assert by_name["wait.h.0"].pid is None
+    assert any("stopping the job: bad.h.0 cannot run" in e and "wait.h.0" in e for e in events)

@@ -7,6 +7,7 @@ report back in their heartbeats — so the version table moves while the demo ru
 from __future__ import annotations
 
 import asyncio
+import time
 
 from dvla_bus import wire
 from dvla_bus.control import DEFAULT_MAX_NODES, ControlHub, HubConfig, open_control_hub
@@ -54,6 +55,26 @@ class Coordinator(Node):
                 self.set_weight_version(version)
             else:
                 await asyncio.sleep(3600)
+
+    async def teardown(self) -> None:
+        """Keep the hub up until the other members have left (or died), at most ``grace`` less
+        a second: a ``stop`` for everyone reaches this node too, and a hub that closed at once
+        (linger 0) could drop the copies still queued for the others, which would then run on
+        without a hub and hold the job open. Leaves also reach the log this way."""
+        hub = getattr(self, "hub", None)
+        if hub is None:  # setup failed before the hub was open
+            return
+        deadline = time.monotonic() + max(0.0, self.config.grace - 1.0)
+        others: list[str] = []
+        while time.monotonic() < deadline:
+            others = [
+                m.node for m in hub.members() if m.state != "dead" and m.node != self.config.node_id
+            ]
+            if not others:
+                return
+            await asyncio.sleep(0.05)
+        if others:
+            self.log.warning("closing the hub while %s still hold(s) it", ", ".join(others))
 
     def statistics(self) -> tuple[dict[str, int], dict[str, float]]:
         counters, gauges = super().statistics()

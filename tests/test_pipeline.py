@@ -172,6 +172,11 @@ def test_learner_and_sampler_train_as_separate_processes(short_tmp: Path) -> Non
     assert len(train) >= 2, records
     assert train[-1]["version"] > train[0]["version"] >= 2
     assert all(r["lag_max"] <= 1 for r in train)  # admitted groups respect the staleness bound
+    assert all(0 <= r["lag_mean"] <= r["lag_max"] for r in train)
+    # the serial trainer's per-update statistics, so the two trainers can be compared
+    assert all(
+        0.0 <= r["clip_fraction"] <= 1.0 and r["trained_steps"] > 0 for r in train if r["updated"]
+    )
     assert all(r["groups"] == 1 for r in train)  # groups_per_iter = 1: one group per message
     assert records[-1]["kind"] == "final"
     evals = [r for r in records if r["kind"] == "eval"]

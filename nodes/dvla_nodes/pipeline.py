@@ -448,6 +448,7 @@ class LearnerNode(Node):
                 "GRPO updates with %d torch thread(s) (warm start: %d)", self._update_threads, warm
             )
         pending: list[Episodes] = []
+        lags: list[int] = []  # of the pending groups
         stale = future = 0
         while iterations < t.iterations and now() < t.minutes * 60:
             await self.wait_unpaused()
@@ -471,11 +472,13 @@ class LearnerNode(Node):
                 self.counters["future_groups"] = future
                 continue
             pending.append(eps)
+            lags.append(lag)
             self.counters["admitted_groups"] = self.counters.get("admitted_groups", 0) + 1
             if len(pending) < t.groups_per_iter:
                 continue
             batch = Episodes.concat(pending)
-            pending = []
+            lag_max, lag_mean = max(lags), float(np.mean(lags))
+            pending, lags = [], []
             iterations += 1
             env_steps += batch.num_steps
             lr = t.grpo_lr(iterations, now())
@@ -502,11 +505,19 @@ class LearnerNode(Node):
                     "loss": up.loss,
                     "lr": lr,
                     "kl_ref": up.kl_ref,
+                    # the serial trainer's per-update statistics, for comparing the two
+                    "clip_fraction": up.clip_fraction,
+                    "approx_kl": up.approx_kl,
+                    "entropy": up.entropy,
+                    "grad_norm": up.grad_norm,
+                    "update_seconds": up.seconds,
+                    "trained_steps": up.steps,
                     "groups": up.groups,
                     "skipped_groups": up.skipped_groups,
                     "updated": up.version != before,
                     "stale_groups": stale,
-                    "lag_max": int(lag),
+                    "lag_max": int(lag_max),  # over the batch's groups
+                    "lag_mean": lag_mean,
                     "env_steps": env_steps,
                 }
             )

@@ -227,8 +227,9 @@ class Supervisor:
                     break
                 failed = [c.spec.name for c in self._children if c.state == "failed"]
                 if failed and self.stop_on_failure:
-                    left = [c.spec.name for c in self._children if c.state != "done"]
-                    left = [n for n in left if n not in failed]
+                    left = [
+                        c.spec.name for c in self._children if c.state not in ("done", "failed")
+                    ]
                     if left:
                         self._on_event(
                             f"stopping the job: {', '.join(failed)} cannot run (configuration "

@@ -12,14 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import (
-    members_by_node,
-    spawn,
-    stop,
-    wait_for,
-    wait_status,
-    write_topology,
-)
+from tests.helpers import members_by_node, spawn, stop, wait_for, wait_status, write_topology
 
 GRACE = 3.0
 
@@ -273,7 +266,7 @@ def test_a_node_that_fails_for_good_stops_the_job(short_tmp: Path) -> None:
     from dvla_bus.deploy import ChildSpec
     from dvla_bus.supervisor import Supervisor
 
-    waiter = "import time\nwhile True: time.sleep(0.1)"
+    waiter = "import signal; signal.pause()"  # runs until signalled
     specs = [
         ChildSpec(
             "bad.h.0",

@@ -225,6 +225,7 @@ async def _poll_hub(client: ControlClient, box: list[wire.Status | None]) -> Non
 
 async def _main(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
+    point: dict[str, Any] | None = None  # the checkpoint --resume continues from
     if args.resume is not None:
         if args.run_dir is not None:
             raise ConfigError("--resume RUN_DIR already names the run directory; drop --run-dir")
@@ -236,11 +237,11 @@ async def _main(args: argparse.Namespace) -> int:
     elif args.minutes is not None:
         overrides.setdefault("learner", {})["minutes"] = args.minutes
     topology = load_topology(args.file, known_roles(), overrides)
-    if args.resume is not None:  # a policy does not carry over to another benchmark suite
+    if point is not None:  # a policy does not carry over to another benchmark suite
         from dvla_nodes.learn.suite import check_resume_suite
 
         suite = str(topology.settings("learner").get("suite", "embedded"))
-        check_resume_suite(_resume_point(args.resume.resolve()), suite, f"--resume {args.resume}")
+        check_resume_suite(point, suite, f"--resume {args.resume}")
     host = local_host(topology, args.host)
     for role in sorted({p.role for p in topology.placements(host)}):
         try:
